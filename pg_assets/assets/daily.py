@@ -1,0 +1,154 @@
+"""One daily-partitioned asset per configured table.
+
+Each asset is a thin wrapper over `pg_assets.core.extract.extract_partition`: it turns the
+partition key into a day, opens a snapshot on the pooled connection, plans the cheapest
+correct COPY, streams it into Bronze and reports what landed as materialization metadata.
+Assets of one source share a Dagster concurrency pool named after the source, so a backfill
+cannot open more connections than the instance allows for that database.
+"""
+
+import datetime as dt
+import re
+
+import psycopg
+import psycopg_pool
+from dagster import (
+    AssetExecutionContext,
+    AssetKey,
+    AssetsDefinition,
+    Backoff,
+    DailyPartitionsDefinition,
+    Failure,
+    MaterializeResult,
+    MetadataValue,
+    RetryRequested,
+    TableColumn,
+    TableSchema,
+    asset,
+)
+
+from pg_assets.catalog import ResolvedTable
+from pg_assets.config import ProjectConfig
+from pg_assets.core.extract import ExtractionError, extract_partition
+from pg_assets.core.layout import daily_paths
+from pg_assets.core.planner import CatalogError, describe_table, plan_day
+from pg_assets.resources.bronze import BronzeResource
+from pg_assets.resources.postgres import PostgresResource
+
+TRANSIENT = (psycopg.OperationalError, psycopg_pool.PoolTimeout)
+
+
+def safe_name(text: str) -> str:
+    """Dagster names allow only [A-Za-z0-9_]; PostgreSQL identifiers allow anything."""
+    return re.sub(r"[^A-Za-z0-9_]", "_", text)
+
+
+def asset_key(source: str, resolved: ResolvedTable) -> AssetKey:
+    name = resolved.config.name
+    return AssetKey([source, safe_name(name.schema), safe_name(name.name)])
+
+
+def pool_name(source: str) -> str:
+    return f"postgres_{source}"
+
+
+def _is_transient(error: BaseException) -> bool:
+    while error is not None:
+        if isinstance(error, TRANSIENT):
+            return True
+        error = error.__cause__  # type: ignore[assignment]
+    return False
+
+
+def build_daily_asset(project: ProjectConfig, resolved: ResolvedTable) -> AssetsDefinition:
+    table = resolved.config
+    qname = table.name
+    key = asset_key(project.source, resolved)
+    retries = project.postgres.retries
+    partitions = DailyPartitionsDefinition(
+        start_date=resolved.start.isoformat(), timezone=table.timezone
+    )
+    static_metadata: dict[str, object] = {
+        "table": MetadataValue.text(str(qname)),
+        "partition_column": MetadataValue.text(table.column),
+        "timezone": MetadataValue.text(table.timezone),
+        "config_file": MetadataValue.path(str(project.path)),
+    }
+    if resolved.info is not None:
+        static_metadata["dagster/column_schema"] = TableSchema(
+            columns=[TableColumn(c.name, c.type) for c in resolved.info.columns]
+        )
+
+    @asset(
+        key=key,
+        group_name=project.source,
+        partitions_def=partitions,
+        pool=pool_name(project.source),
+        code_version=table.fingerprint(project.bronze),
+        kinds={"postgres", "csv"},
+        metadata=static_metadata,
+        description=f"Daily extract of PostgreSQL table {qname} by {table.column} "
+        f"({table.timezone} days) into Bronze.",
+    )
+    def _daily(
+        context: AssetExecutionContext, postgres: PostgresResource, bronze: BronzeResource
+    ) -> MaterializeResult:
+        partition_key = context.partition_key
+        day = dt.date.fromisoformat(partition_key)
+        where = f"table {qname}, partition {partition_key}"
+        if day < resolved.start:
+            raise Failure(f"{where}: before the first day {resolved.start} of this table")
+        codec, level, sink = bronze.get_codec(), bronze.get_level(), bronze.get_sink()
+        paths = daily_paths(project.source, qname, day, codec.extension)
+        try:
+            with postgres.snapshot() as conn:
+                try:
+                    info = describe_table(conn, qname, table.column)
+                except CatalogError as e:
+                    raise Failure(f"{where}: {e} (config key {e.key!r})") from None
+                plan = plan_day(info, day, table.timezone)
+                context.log.info(f"{where}: {plan.strategy} on {plan.relation}")
+                result = extract_partition(
+                    conn,
+                    info=info,
+                    plan=plan,
+                    sink=sink,
+                    paths=paths,
+                    codec=codec,
+                    level=level,
+                    run_id=context.run_id,
+                    partition_key=partition_key,
+                    block_size=bronze.block_size,
+                )
+        except (ExtractionError, *TRANSIENT) as e:
+            if _is_transient(e) and retries:
+                raise RetryRequested(
+                    max_retries=retries, seconds_to_wait=1, backoff=Backoff.EXPONENTIAL
+                ) from e
+            if isinstance(e, ExtractionError):
+                raise Failure(str(e)) from e
+            raise Failure(f"{where}: {type(e).__name__}: {e}") from e
+        s = result.stats
+        return MaterializeResult(
+            metadata={
+                "dagster/partition_row_count": s.rows,
+                "dagster/uri": result.published.uri,
+                "dagster/column_schema": TableSchema(
+                    columns=[TableColumn(c.name, c.type) for c in info.columns]
+                ),
+                "rows": s.rows,
+                "raw_bytes": MetadataValue.int(s.raw_bytes),
+                "compressed_bytes": MetadataValue.int(s.compressed_bytes),
+                "compression_ratio": MetadataValue.float(round(s.ratio, 2)),
+                "seconds": MetadataValue.float(round(s.seconds, 3)),
+                "mb_per_s": MetadataValue.float(round(s.mb_per_s, 1)),
+                "uri": MetadataValue.path(result.published.uri),
+                "source_relation": str(plan.relation),
+                "strategy": plan.strategy,
+                "snapshot_lsn": result.snapshot_lsn,
+                "sha256": s.sha256,
+                "codec": f"{codec.name}:{level}",
+            }
+        )
+
+    return _daily

@@ -1,0 +1,194 @@
+"""Load and validate the pg_assets configuration file.
+
+One YAML file declares a source (the asset-key prefix and Bronze folder), how to reach its
+PostgreSQL (the connection string itself is read from an environment variable, never from
+the file), where Bronze lives and which tables to land. Every mistake is reported once, as
+`ConfigError`, naming the file, the table and the key, so a user can fix it without reading
+a traceback. Catalog checks (does the table exist, is the column splittable by day) happen
+in `pg_assets.core.planner` against the live database and carry the same context.
+"""
+
+import datetime as dt
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from pg_assets.core.compression import CODECS, get_codec
+from pg_assets.core.identifiers import QualifiedName, parse_column_name, parse_qualified_name
+
+CONFIG_ENV = "PG_ASSETS_CONFIG"
+DEMO_CONFIG = Path(__file__).parent / "dev" / "demo.yaml"
+
+
+class ConfigError(ValueError):
+    """A configuration mistake, with the file, table and key at fault in its message."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PostgresConfig(_Strict):
+    conninfo_env: str = Field(
+        default="PG_ASSETS_CONNINFO",
+        description="Environment variable holding the libpq connection string.",
+    )
+    pool_min: int = Field(default=1, ge=0)
+    pool_max: int = Field(default=4, ge=1)
+    connect_timeout_s: float = Field(default=10, gt=0)
+    statement_timeout_s: float = Field(default=0, ge=0, description="0 = no limit")
+    retries: int = Field(default=2, ge=0, description="Retries after a lost connection.")
+
+
+class AdlsConfig(_Strict):
+    auth: Literal["connection_string", "account_key", "sas", "default_credential"] = (
+        "default_credential"
+    )
+    secret_env: str | None = Field(
+        default=None,
+        description="Environment variable holding the connection string, key or SAS token.",
+    )
+    endpoint: str | None = Field(
+        default=None,
+        description="Explicit account URL (emulators, test servers); default is the public cloud.",
+    )
+    create_filesystem: bool = False
+    max_retries: int = Field(default=5, ge=0)
+    retry_backoff_s: float = Field(default=2.0, ge=0)
+    queue_depth: int = Field(default=4, ge=1)
+    timeout_s: float = Field(default=120, gt=0)
+
+
+class BronzeConfig(_Strict):
+    root: str
+    codec: str = "gzip"
+    level: int | None = None
+    block_size_mib: float = Field(default=4, gt=0, le=100)
+    adls: AdlsConfig = AdlsConfig()
+
+    @field_validator("codec")
+    @classmethod
+    def _known_codec(cls, v: str) -> str:
+        if v not in CODECS:
+            raise ValueError(f"unknown codec {v!r}; choose one of {sorted(CODECS)}")
+        return v
+
+    @property
+    def block_size(self) -> int:
+        return int(self.block_size_mib * 1024 * 1024)
+
+
+class TableConfig(_Strict):
+    table: str
+    partition_column: str
+    start: dt.date | None = None
+    timezone: str = "UTC"
+
+    @field_validator("table")
+    @classmethod
+    def _valid_table(cls, v: str) -> str:
+        parse_qualified_name(v)
+        return v
+
+    @field_validator("partition_column")
+    @classmethod
+    def _valid_column(cls, v: str) -> str:
+        parse_column_name(v)
+        return v
+
+    @field_validator("timezone")
+    @classmethod
+    def _valid_tz(cls, v: str) -> str:
+        try:
+            ZoneInfo(v)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(
+                f"unknown time zone {v!r} (use an IANA name such as Europe/Berlin)"
+            ) from None
+        return v
+
+    @property
+    def name(self) -> QualifiedName:
+        return parse_qualified_name(self.table)
+
+    @property
+    def column(self) -> str:
+        return parse_column_name(self.partition_column)
+
+    def fingerprint(self, bronze: BronzeConfig) -> str:
+        """A code_version: changes whenever what lands in Bronze for this table would change."""
+        payload = {"table": self.model_dump(mode="json"), "codec": bronze.codec}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
+
+
+class ProjectConfig(_Strict):
+    source: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    postgres: PostgresConfig = PostgresConfig()
+    bronze: BronzeConfig
+    tables: list[TableConfig] = Field(min_length=1)
+    path: Path | None = Field(default=None, exclude=True)
+
+    def table_context(self, table: TableConfig) -> str:
+        return f"{self.path or '<config>'}: table {table.table!r}"
+
+    def bronze_level(self) -> int:
+        codec = get_codec(self.bronze.codec)
+        return codec.default_level if self.bronze.level is None else self.bronze.level
+
+
+def _describe_error(path: Path, raw: dict[str, Any], err: dict[str, Any]) -> str:
+    loc = list(err["loc"])
+    where = f"{path}"
+    if len(loc) >= 2 and loc[0] == "tables" and isinstance(loc[1], int):
+        tables = raw.get("tables") or []
+        entry = tables[loc[1]] if loc[1] < len(tables) else {}
+        name = entry.get("table") if isinstance(entry, dict) else None
+        where += f": table {name!r}" if name else f": tables[{loc[1]}]"
+        loc = loc[2:]
+    key = ".".join(str(p) for p in loc) or "(top level)"
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key"
+    return f"{where}: key {key!r}: {msg}"
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> ProjectConfig:
+    """Read the file named by `path`, else `$PG_ASSETS_CONFIG`, else the demo file."""
+    path = Path(path or os.environ.get(CONFIG_ENV) or DEMO_CONFIG).resolve()
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found (set {CONFIG_ENV})") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    try:
+        cfg = ProjectConfig.model_validate({**raw, "path": path})
+    except ValidationError as e:
+        raise ConfigError(
+            "\n".join(_describe_error(path, raw, err) for err in e.errors())
+        ) from None
+    seen: dict[QualifiedName, str] = {}
+    for t in cfg.tables:
+        if t.name in seen:
+            raise ConfigError(f"{cfg.table_context(t)}: key 'table': listed twice")
+        seen[t.name] = t.table
+    codec = get_codec(cfg.bronze.codec)
+    level = cfg.bronze_level()
+    if level not in codec.levels:
+        raise ConfigError(
+            f"{path}: key 'bronze.level': {level} is not a valid level for {codec.name} "
+            f"({codec.levels.start}..{codec.levels.stop - 1})"
+        )
+    if not cfg.bronze.root.startswith("abfss://"):
+        # Relative local roots resolve against the working directory, as Dagster's do.
+        root = Path(cfg.bronze.root.removeprefix("file://")).resolve()
+        cfg = cfg.model_copy(update={"bronze": cfg.bronze.model_copy(update={"root": str(root)})})
+    return cfg

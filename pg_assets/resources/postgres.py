@@ -1,0 +1,95 @@
+"""PostgresResource: one psycopg connection pool per run process.
+
+The pool opens when a step starts (`setup_for_execution`) and closes at teardown, so a run
+pays the connection cost once and a backfill never holds more connections than `pool_max`
+per process (the instance's per-source concurrency pool caps the processes). Every
+extraction runs in one REPEATABLE READ, READ ONLY transaction: the catalog lookups, the
+snapshot LSN and the COPY all see the same snapshot.
+
+The connection string is read from the environment variable named by `conninfo_env` when the
+pool opens; it is never stored in config, logged, or put in an error message.
+"""
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import psycopg
+from dagster import ConfigurableResource, InitResourceContext
+from psycopg import IsolationLevel
+from psycopg_pool import ConnectionPool
+from pydantic import Field, PrivateAttr
+
+APPLICATION_NAME = "pg_assets"
+
+
+class MissingConninfoError(RuntimeError):
+    pass
+
+
+def read_conninfo(env_var: str) -> str:
+    value = os.environ.get(env_var)
+    if not value:
+        raise MissingConninfoError(
+            f"environment variable {env_var} is not set; it must hold the PostgreSQL "
+            "connection string (e.g. 'host=db.example.com dbname=shop user=reader')"
+        )
+    return value
+
+
+def connect_kwargs(connect_timeout_s: float, statement_timeout_s: float) -> dict[str, object]:
+    kwargs: dict[str, object] = {
+        "application_name": APPLICATION_NAME,
+        "connect_timeout": max(1, int(connect_timeout_s)),
+    }
+    if statement_timeout_s:
+        kwargs["options"] = f"-c statement_timeout={int(statement_timeout_s * 1000)}"
+    return kwargs
+
+
+def _configure(conn: psycopg.Connection) -> None:
+    conn.isolation_level = IsolationLevel.REPEATABLE_READ
+    conn.read_only = True
+
+
+class PostgresResource(ConfigurableResource):
+    """A pooled, read-only source database."""
+
+    conninfo_env: str = Field(
+        default="PG_ASSETS_CONNINFO", description="Env var holding the libpq connection string."
+    )
+    pool_min: int = Field(default=1, ge=0)
+    pool_max: int = Field(default=4, ge=1)
+    connect_timeout_s: float = 10
+    statement_timeout_s: float = Field(default=0, description="0 = no limit")
+
+    _pool: ConnectionPool | None = PrivateAttr(default=None)
+
+    def setup_for_execution(self, context: InitResourceContext) -> None:
+        self._pool = ConnectionPool(
+            read_conninfo(self.conninfo_env),
+            min_size=min(self.pool_min, self.pool_max),
+            max_size=self.pool_max,
+            kwargs=connect_kwargs(self.connect_timeout_s, self.statement_timeout_s),
+            configure=_configure,
+            check=ConnectionPool.check_connection,
+            timeout=self.connect_timeout_s,
+            name=APPLICATION_NAME,
+            open=False,
+        )
+        # Opened lazily: a step that never touches the database opens no connection.
+
+    def teardown_after_execution(self, context: InitResourceContext) -> None:
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
+
+    @contextmanager
+    def snapshot(self) -> Iterator[psycopg.Connection]:
+        """A pooled connection inside one REPEATABLE READ, READ ONLY transaction."""
+        if self._pool is None:
+            raise RuntimeError("PostgresResource used outside a Dagster execution")
+        if self._pool.closed:
+            self._pool.open(wait=False)
+        with self._pool.connection() as conn, conn.transaction():
+            yield conn

@@ -1,0 +1,74 @@
+"""The contract every Bronze sink keeps: stage, then publish by rename.
+
+A sink writes a new file under `_staging/<run_id>/…`, which no reader looks at, and only
+when the whole stream is safely stored does `publish` rename it onto its final path in one
+server-side (or filesystem) operation that replaces the previous version. `discard` removes
+a staging file after a failure. The local filesystem and ADLS Gen2 both have an atomic
+rename, so the same protocol gives the same guarantee on both.
+"""
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Published:
+    uri: str
+    size: int
+    etag: str | None = None
+
+
+class StagingFile(ABC):
+    """A file being written; `write` receives blocks of the sink's block size."""
+
+    relpath: str
+
+    @abstractmethod
+    def write(self, block: bytes, /) -> None: ...
+
+    @abstractmethod
+    def close(self) -> None:
+        """Make everything written durable in staging (fsync / flush_data)."""
+
+
+class Sink(ABC):
+    root_uri: str
+
+    @abstractmethod
+    def open_staging(self, run_id: str, relpath: str, content_type: str) -> StagingFile: ...
+
+    @abstractmethod
+    def publish(self, staging: StagingFile, relpath: str) -> Published:
+        """Atomically move a closed staging file onto `relpath`, replacing what was there."""
+
+    @abstractmethod
+    def discard(self, staging: StagingFile) -> None:
+        """Delete a staging file after a failure; never raises for a missing file."""
+
+    @abstractmethod
+    def delete(self, relpath: str) -> None:
+        """Delete a published file; a missing file is not an error."""
+
+    @abstractmethod
+    def read_bytes(self, relpath: str) -> bytes: ...
+
+    @abstractmethod
+    def exists(self, relpath: str) -> bool: ...
+
+    @abstractmethod
+    def list_files(self, prefix: str = "") -> list[str]:
+        """Relative paths of every file under `prefix`, staging included."""
+
+    def uri(self, relpath: str) -> str:
+        return f"{self.root_uri.rstrip('/')}/{relpath}"
+
+    def write_bytes(self, run_id: str, relpath: str, data: bytes, content_type: str) -> Published:
+        """Stage and publish a small file (manifests) with the same protocol as data."""
+        staging = self.open_staging(run_id, relpath, content_type)
+        try:
+            staging.write(data)
+            staging.close()
+            return self.publish(staging, relpath)
+        except BaseException:
+            self.discard(staging)
+            raise
