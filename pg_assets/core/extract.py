@@ -112,3 +112,78 @@ def extract_partition(
         run_id, paths.manifest, json.dumps(manifest, indent=2).encode(), "application/json"
     )
     return ExtractResult(stats, plan, published, manifest, lsn)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Extract one day without Dagster: `python -m pg_assets.core.extract --help`.
+
+    Prints the stats and the process's peak RSS as JSON; the benchmark and the memory test
+    run it as a separate process so its peak memory is its own.
+    """
+    import argparse
+    import os
+    import resource
+    import uuid
+
+    from pg_assets.core.compression import get_codec
+    from pg_assets.core.identifiers import parse_column_name, parse_qualified_name
+    from pg_assets.core.layout import daily_paths
+    from pg_assets.core.planner import describe_table, plan_day
+    from pg_assets.sinks.local import LocalSink
+
+    p = argparse.ArgumentParser(prog="python -m pg_assets.core.extract")
+    p.add_argument("--conninfo-env", default="PG_ASSETS_CONNINFO")
+    p.add_argument("--table", required=True)
+    p.add_argument("--column", required=True)
+    p.add_argument("--day", required=True, type=dt.date.fromisoformat)
+    p.add_argument("--timezone", default="UTC")
+    p.add_argument("--root", required=True, help="local path or abfss:// URI")
+    p.add_argument("--endpoint", help="ADLS account URL override (test server)")
+    p.add_argument("--auth", default="default_credential")
+    p.add_argument("--secret-env")
+    p.add_argument("--source", default="cli")
+    p.add_argument("--codec", default="gzip")
+    p.add_argument("--level", type=int)
+    p.add_argument("--block-size-mib", type=float, default=4)
+    a = p.parse_args(argv)
+
+    codec = get_codec(a.codec)
+    level = codec.default_level if a.level is None else a.level
+    name = parse_qualified_name(a.table)
+    if a.root.startswith("abfss://"):
+        from pg_assets.sinks.adls import AdlsSink
+
+        sink: Sink = AdlsSink.from_uri(
+            a.root, auth=a.auth, secret_env=a.secret_env, endpoint=a.endpoint
+        )
+    else:
+        sink = LocalSink(a.root)
+    with psycopg.connect(os.environ[a.conninfo_env], application_name="pg_assets") as conn:
+        conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+        conn.read_only = True
+        with conn.transaction():
+            info = describe_table(conn, name, parse_column_name(a.column))
+            result = extract_partition(
+                conn,
+                info=info,
+                plan=plan_day(info, a.day, a.timezone),
+                sink=sink,
+                paths=daily_paths(a.source, name, a.day, codec.extension),
+                codec=codec,
+                level=level,
+                run_id=uuid.uuid4().hex,
+                partition_key=a.day.isoformat(),
+                block_size=int(a.block_size_mib * 1024 * 1024),
+            )
+    out = {
+        **asdict(result.stats),
+        "strategy": result.plan.strategy,
+        "uri": result.published.uri,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -57,8 +57,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     _dagster_env()
     from dagster import DagsterInstance
 
-    from pg_assets.config import load_config
     from pg_assets.build import build_definitions
+    from pg_assets.config import load_config
 
     config = load_config()
     defs = build_definitions(config)

