@@ -127,3 +127,16 @@ def day_query(
     return sql.SQL("SELECT * FROM {t} WHERE {c} >= {lo} AND {c} < {hi}").format(
         t=table, c=sql.Identifier(column), lo=lo, hi=hi
     )
+
+
+def same_rows(a: bytes, b: bytes) -> bool:
+    """Equal CSV up to row order: for tables big enough that PostgreSQL's synchronized
+    sequential scans may start a COPY mid-table (`synchronize_seqscans`)."""
+    import csv
+    import io
+
+    def records(data: bytes) -> tuple[list[str], list[list[str]]]:
+        rows = list(csv.reader(io.StringIO(data.decode(), newline="")))
+        return rows[0], sorted(rows[1:])
+
+    return records(a) == records(b)

@@ -16,7 +16,6 @@ from dagster import (
     AssetExecutionContext,
     AssetKey,
     AssetsDefinition,
-    Backoff,
     DailyPartitionsDefinition,
     Failure,
     MaterializeResult,
@@ -122,9 +121,9 @@ def build_daily_asset(project: ProjectConfig, resolved: ResolvedTable) -> Assets
                 )
         except (ExtractionError, *TRANSIENT) as e:
             if _is_transient(e) and retries:
-                raise RetryRequested(
-                    max_retries=retries, seconds_to_wait=1, backoff=Backoff.EXPONENTIAL
-                ) from e
+                # exponential backoff: 1 s, 2 s, 4 s … capped at 30 s
+                wait = min(30, 2**context.retry_number)
+                raise RetryRequested(max_retries=retries, seconds_to_wait=wait) from e
             if isinstance(e, ExtractionError):
                 raise Failure(str(e)) from e
             raise Failure(f"{where}: {type(e).__name__}: {e}") from e
