@@ -31,6 +31,7 @@ def build_resources(config: ProjectConfig) -> dict[str, object]:
             adls_create_filesystem=b.adls.create_filesystem,
             adls_max_retries=b.adls.max_retries,
             adls_retry_backoff_s=b.adls.retry_backoff_s,
+            adls_retry_backoff_base=b.adls.retry_backoff_base,
             adls_queue_depth=b.adls.queue_depth,
             adls_timeout_s=b.adls.timeout_s,
         ),

@@ -60,7 +60,8 @@ class AdlsConfig(_Strict):
     )
     create_filesystem: bool = False
     max_retries: int = Field(default=5, ge=0)
-    retry_backoff_s: float = Field(default=2.0, ge=0)
+    retry_backoff_s: float = Field(default=2.0, ge=0, description="First retry wait.")
+    retry_backoff_base: float = Field(default=2.0, ge=0, description="Then + base**attempt s.")
     queue_depth: int = Field(default=4, ge=1)
     timeout_s: float = Field(default=120, gt=0)
 

@@ -114,6 +114,18 @@ def extract_partition(
     return ExtractResult(stats, plan, published, manifest, lsn)
 
 
+def peak_rss_mb() -> float:
+    """This process's peak RSS. VmHWM belongs to the address space, so unlike ru_maxrss it
+    does not inherit the high-water mark of the parent that forked us."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def main(argv: list[str] | None = None) -> int:
     """Extract one day without Dagster: `python -m pg_assets.core.extract --help`.
 
@@ -122,7 +134,6 @@ def main(argv: list[str] | None = None) -> int:
     """
     import argparse
     import os
-    import resource
     import uuid
 
     from pg_assets.core.compression import get_codec
@@ -179,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         **asdict(result.stats),
         "strategy": result.plan.strategy,
         "uri": result.published.uri,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": peak_rss_mb(),
     }
     print(json.dumps(out))
     return 0

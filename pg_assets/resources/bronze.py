@@ -23,6 +23,7 @@ class BronzeResource(ConfigurableResource):
     adls_create_filesystem: bool = False
     adls_max_retries: int = 5
     adls_retry_backoff_s: float = 2.0
+    adls_retry_backoff_base: float = 2.0
     adls_queue_depth: int = 4
     adls_timeout_s: float = 120
 
@@ -48,6 +49,7 @@ class BronzeResource(ConfigurableResource):
                 create_filesystem=self.adls_create_filesystem,
                 max_retries=self.adls_max_retries,
                 retry_backoff_s=self.adls_retry_backoff_s,
+                retry_backoff_base=self.adls_retry_backoff_base,
                 queue_depth=self.adls_queue_depth,
                 timeout_s=self.adls_timeout_s,
             )

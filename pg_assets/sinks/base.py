@@ -1,14 +1,23 @@
 """The contract every Bronze sink keeps: stage, then publish by rename.
 
-A sink writes a new file under `_staging/<run_id>/…`, which no reader looks at, and only
+A sink writes a new file under `_staging/`, which no reader looks at, and only
 when the whole stream is safely stored does `publish` rename it onto its final path in one
 server-side (or filesystem) operation that replaces the previous version. `discard` removes
 a staging file after a failure. The local filesystem and ADLS Gen2 both have an atomic
 rename, so the same protocol gives the same guarantee on both.
 """
 
+import uuid
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+
+STAGING_DIR = "_staging"
+
+
+def staging_relpath(run_id: str, relpath: str) -> str:
+    """`_staging/<run_id>-<token>-<file name>`: flat, so that cleaning up after a writer
+    never means deleting a folder another writer of the same run is still using."""
+    return f"{STAGING_DIR}/{run_id}-{uuid.uuid4().hex[:8]}-{relpath.rsplit('/', 1)[-1]}"
 
 
 @dataclass(frozen=True)

@@ -7,9 +7,7 @@ fsync it, `os.replace` it over the target, fsync the directory.
 import os
 from pathlib import Path
 
-from pg_assets.sinks.base import Published, Sink, StagingFile
-
-STAGING_DIR = "_staging"
+from pg_assets.sinks.base import Published, Sink, StagingFile, staging_relpath
 
 
 class LocalStagingFile(StagingFile):
@@ -48,7 +46,7 @@ class LocalSink(Sink):
         return path
 
     def open_staging(self, run_id: str, relpath: str, content_type: str) -> LocalStagingFile:
-        rel = f"{STAGING_DIR}/{run_id}/{relpath}"
+        rel = staging_relpath(run_id, relpath)
         return LocalStagingFile(self._path(rel), rel)
 
     def publish(self, staging: StagingFile, relpath: str) -> Published:
@@ -58,7 +56,6 @@ class LocalSink(Sink):
         target.parent.mkdir(parents=True, exist_ok=True)
         os.replace(staging.path, target)
         _fsync_dir(target.parent)
-        self._prune(staging.path.parent)
         return Published(uri=self.uri(relpath), size=target.stat().st_size)
 
     def discard(self, staging: StagingFile) -> None:
@@ -67,17 +64,6 @@ class LocalSink(Sink):
             staging._f.close()
         finally:
             staging.path.unlink(missing_ok=True)
-            self._prune(staging.path.parent)
-
-    def _prune(self, folder: Path) -> None:
-        """Remove empty staging folders up to `_staging` itself."""
-        stop = self.root / STAGING_DIR
-        while folder.is_relative_to(stop) and folder != stop:
-            try:
-                folder.rmdir()
-            except OSError:
-                return
-            folder = folder.parent
 
     def delete(self, relpath: str) -> None:
         self._path(relpath).unlink(missing_ok=True)
