@@ -115,9 +115,7 @@ class AdlsTestServer:
             dfs = op in {"create", "append", "flush", "rename", "delete", "list", "mkdir"}
             if account != self.account:
                 return self._error(h, 404, "AccountNotFound" if False else "ResourceNotFound", dfs)
-            if self.forbidden or not (
-                h.headers.get("Authorization") or "sig" in q
-            ):
+            if self.forbidden or not (h.headers.get("Authorization") or "sig" in q):
                 return self._error(h, 403, "AuthorizationPermissionMismatch", dfs)
             for f in self.faults:
                 if f.op == op:
@@ -148,7 +146,9 @@ class AdlsTestServer:
 
     # -- responses --------------------------------------------------------------------------
 
-    def _send(self, h, status: int, headers: dict[str, str] | None = None, body: bytes = b"") -> None:
+    def _send(
+        self, h, status: int, headers: dict[str, str] | None = None, body: bytes = b""
+    ) -> None:
         h.send_response(status)
         h.send_header("x-ms-request-id", "00000000-0000-0000-0000-000000000000")
         h.send_header("x-ms-version", "2025-01-05")
@@ -207,7 +207,9 @@ class AdlsTestServer:
 
     def _op_fs_props(self, h, q, fs, path, body) -> None:
         if self._fs(h, fs, dfs=False) is not None:
-            self._send(h, 200, {"ETag": '"0x1"', "Last-Modified": email.utils.formatdate(usegmt=True)})
+            self._send(
+                h, 200, {"ETag": '"0x1"', "Last-Modified": email.utils.formatdate(usegmt=True)}
+            )
 
     def _op_mkdir(self, h, q, fs, path, body) -> None:
         if self._fs(h, fs) is None:
@@ -227,7 +229,11 @@ class AdlsTestServer:
         f.touch()
         files[path] = f
         self._mkdirs(fs, path)
-        self._send(h, 201, {"ETag": f.etag, "Last-Modified": email.utils.formatdate(f.modified, usegmt=True)})
+        self._send(
+            h,
+            201,
+            {"ETag": f.etag, "Last-Modified": email.utils.formatdate(f.modified, usegmt=True)},
+        )
 
     def _op_append(self, h, q, fs, path, body) -> None:
         files = self._fs(h, fs)
@@ -255,7 +261,11 @@ class AdlsTestServer:
         f.content_type = h.headers.get("x-ms-content-type") or f.content_type
         f.content_md5 = h.headers.get("x-ms-content-md5") or f.content_md5
         f.touch()
-        self._send(h, 200, {"ETag": f.etag, "Last-Modified": email.utils.formatdate(f.modified, usegmt=True)})
+        self._send(
+            h,
+            200,
+            {"ETag": f.etag, "Last-Modified": email.utils.formatdate(f.modified, usegmt=True)},
+        )
 
     def _op_rename(self, h, q, fs, path, body) -> None:
         files = self._fs(h, fs)
@@ -283,7 +293,9 @@ class AdlsTestServer:
                 return self._error(h, 409, "DirectoryNotEmpty", True)
             for p in inside:
                 del files[p]
-            self.directories[fs] = {d for d in self.directories[fs] if d != path and not d.startswith(path + "/")}
+            self.directories[fs] = {
+                d for d in self.directories[fs] if d != path and not d.startswith(path + "/")
+            }
             return self._send(h, 200)
         self._error(h, 404, "PathNotFound", True)
 
@@ -328,8 +340,17 @@ class AdlsTestServer:
             rest = p[len(prefix) + 1 :] if prefix else p
             return recursive or "/" not in rest
 
-        paths = [{"name": d, "isDirectory": "true", "lastModified": email.utils.formatdate(usegmt=True), "etag": '"0x2"', "contentLength": "0"}
-                 for d in sorted(self.directories[fs]) if under(d)]
+        paths = [
+            {
+                "name": d,
+                "isDirectory": "true",
+                "lastModified": email.utils.formatdate(usegmt=True),
+                "etag": '"0x2"',
+                "contentLength": "0",
+            }
+            for d in sorted(self.directories[fs])
+            if under(d)
+        ]
         paths += [{"name": p, "contentLength": str(len(f.data)), "lastModified": email.utils.formatdate(f.modified, usegmt=True), "etag": f.etag}
                   for p, f in sorted(files.items()) if under(p)]  # fmt: skip
         if prefix and prefix not in self.directories[fs] and not paths:

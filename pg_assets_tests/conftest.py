@@ -140,3 +140,37 @@ def same_rows(a: bytes, b: bytes) -> bool:
         return rows[0], sorted(rows[1:])
 
     return records(a) == records(b)
+
+
+ACCOUNT_KEY = (
+    "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+)
+
+
+@pytest.fixture
+def adls(monkeypatch: pytest.MonkeyPatch):
+    """The loopback DFS test server, with its account key in the environment."""
+    from pg_assets_tests.adls_server import AdlsTestServer
+
+    server = AdlsTestServer().start()
+    monkeypatch.setenv("PG_ASSETS_TEST_ADLS_KEY", ACCOUNT_KEY)
+    yield server
+    server.stop()
+
+
+def adls_bronze(server, **adls: Any) -> dict[str, Any]:
+    """A `bronze:` config section pointing at the test server, with fast retries."""
+    return {
+        "root": "abfss://bronze@devstoreaccount1.dfs.core.windows.net/lake",
+        "block_size_mib": 0.25,
+        "adls": {
+            "auth": "account_key",
+            "secret_env": "PG_ASSETS_TEST_ADLS_KEY",
+            "endpoint": server.url,
+            "create_filesystem": True,
+            "max_retries": 2,
+            "retry_backoff_s": 0,
+            "retry_backoff_base": 0,
+            **adls,
+        },
+    }

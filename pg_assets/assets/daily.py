@@ -97,7 +97,11 @@ def build_daily_asset(project: ProjectConfig, resolved: ResolvedTable) -> Assets
         where = f"table {qname}, partition {partition_key}"
         if day < resolved.start:
             raise Failure(f"{where}: before the first day {resolved.start} of this table")
-        codec, level, sink = bronze.get_codec(), bronze.get_level(), bronze.get_sink()
+        codec, level = bronze.get_codec(), bronze.get_level()
+        try:
+            sink = bronze.get_sink()
+        except Exception as e:  # bad root, missing secret, refused credential
+            raise Failure(f"{where}: Bronze at {bronze.root} is not usable: {e}") from e
         paths = daily_paths(project.source, qname, day, codec.extension)
         try:
             with postgres.snapshot() as conn:

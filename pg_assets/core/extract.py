@@ -67,23 +67,21 @@ def extract_partition(
     """Extract one planned partition inside the caller's snapshot transaction on `conn`."""
     where = f"table {info.name}, partition {partition_key}"
     lsn = snapshot_lsn(conn)
-    staging = sink.open_staging(run_id, paths.data, codec.content_type)
+    staging = None
     try:
+        staging = sink.open_staging(run_id, paths.data, codec.content_type)
         with conn.cursor() as cur:
             stats = stream_copy(
                 cur, plan.statement, staging, codec.compressor(level), block_size=block_size
             )
         staging.close()
-    except BaseException as e:
-        sink.discard(staging)
-        if isinstance(e, Exception):
-            raise ExtractionError(f"extracting {where} failed: {e}") from e
-        raise
-    try:
         sink.delete(paths.manifest)
         published = sink.publish(staging, paths.data)
-    except BaseException:
-        sink.discard(staging)
+    except BaseException as e:
+        if staging is not None:
+            sink.discard(staging)
+        if isinstance(e, Exception):
+            raise ExtractionError(f"extracting {where} failed: {e}") from e
         raise
     manifest = {
         "version": 1,
@@ -108,9 +106,12 @@ def extract_partition(
         "etag": published.etag,
         "seconds": round(stats.seconds, 3),
     }
-    sink.write_bytes(
-        run_id, paths.manifest, json.dumps(manifest, indent=2).encode(), "application/json"
-    )
+    try:
+        sink.write_bytes(
+            run_id, paths.manifest, json.dumps(manifest, indent=2).encode(), "application/json"
+        )
+    except Exception as e:
+        raise ExtractionError(f"writing the manifest of {where} failed: {e}") from e
     return ExtractResult(stats, plan, published, manifest, lsn)
 
 

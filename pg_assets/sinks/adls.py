@@ -215,10 +215,13 @@ class AdlsSink(Sink):
         }
         secret = ""
         if auth == "connection_string":
+            if endpoint:
+                raise ValueError(
+                    "bronze.adls.endpoint cannot be combined with auth 'connection_string'; "
+                    "put the endpoint in the connection string (BlobEndpoint=...)"
+                )
             secret = _read_secret(secret_env, auth)
             service = DataLakeServiceClient.from_connection_string(secret, **options)
-            if endpoint:
-                service = DataLakeServiceClient(endpoint, credential=service.credential, **options)
         else:
             credential: Any
             if auth == "account_key":
@@ -259,9 +262,9 @@ class AdlsSink(Sink):
                 f"path {self._full(relpath) or '/'}"
             )
             if isinstance(e, HttpResponseError):
-                code = e.error_code or (
-                    e.response.headers.get("x-ms-error-code") if e.response else None
-                )
+                code = getattr(e.error_code, "value", e.error_code)
+                if not code and e.response is not None:
+                    code = e.response.headers.get("x-ms-error-code")
                 detail = f"HTTP {e.status_code} {code or ''}".strip()
                 if code in ("FilesystemNotFound", "ContainerNotFound"):
                     detail += " (the filesystem does not exist; create it or set bronze.adls.create_filesystem: true)"
