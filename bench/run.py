@@ -273,6 +273,10 @@ def raw_bytes(conninfo: str, days: dict[int, dt.date]) -> dict[int, int]:
     return out
 
 
+def md(text: str) -> str:
+    return text.replace("|", r"\|")
+
+
 def report(results: dict[tuple[str, int], Result], raw: dict[int, int], args, skipped) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     n = args.rows
@@ -293,7 +297,7 @@ def report(results: dict[tuple[str, int], Result], raw: dict[int, int], args, sk
         ratio = f"{raw[n] / r.compressed:.2f}" if r.compressed else "–"
         comp = f"{r.compressed / 1e6:.1f}" if r.compressed else "–"
         lines.append(
-            f"| {r.name.replace('|', '\\|')} | {r.median:.2f} | {r.median / base:.2f} | {n / r.median:,.0f} | "
+            f"| {md(r.name)} | {r.median:.2f} | {r.median / base:.2f} | {n / r.median:,.0f} | "
             f"{raw[n] / 1e6 / r.median:.0f} | {comp} | {ratio} | {max(r.rss_mb):.0f} |"
         )
     sweep = sorted({size for (_, size) in results if size != n} | {n})
@@ -306,7 +310,7 @@ def report(results: dict[tuple[str, int], Result], raw: dict[int, int], args, sk
                 f"{max(results[(name, s)].rss_mb):.0f}" if (name, s) in results else "–"
                 for s in sweep
             ]
-            lines.append(f"| {name.replace('|', '\\|')} | " + " | ".join(cells) + " |")
+            lines.append(f"| {md(name)} | " + " | ".join(cells) + " |")
     if skipped:
         lines += ["", f"Skipped (not installed; `pip install -e '.[bench]'`): {', '.join(skipped)}"]
     text = "\n".join(lines) + "\n"
