@@ -185,6 +185,10 @@ class AdlsTestServer:
             headers["Content-MD5"] = f.content_md5
         return headers
 
+    def _send_etag(self, h, status: int, f: _File) -> None:
+        modified = email.utils.formatdate(f.modified, usegmt=True)
+        self._send(h, status, {"ETag": f.etag, "Last-Modified": modified})
+
     def _fs(self, h, fs: str, dfs: bool = True) -> dict[str, _File] | None:
         files = self.filesystems.get(fs)
         if files is None:
@@ -229,43 +233,36 @@ class AdlsTestServer:
         f.touch()
         files[path] = f
         self._mkdirs(fs, path)
-        self._send(
-            h,
-            201,
-            {"ETag": f.etag, "Last-Modified": email.utils.formatdate(f.modified, usegmt=True)},
-        )
+        self._send_etag(h, 201, f)
+
+    def _at_position(self, h, q, fs: str, path: str) -> _File | None:
+        """The file an append/flush targets, if it exists and `position` is its end."""
+        files = self._fs(h, fs)
+        if files is None:
+            return None
+        f = files.get(path)
+        if f is None:
+            self._error(h, 404, "PathNotFound", True)
+        elif int(q.get("position", -1)) != len(f.data) + len(f.pending):
+            self._error(h, 400, "InvalidFlushPosition", True)
+        else:
+            return f
+        return None
 
     def _op_append(self, h, q, fs, path, body) -> None:
-        files = self._fs(h, fs)
-        if files is None:
-            return
-        f = files.get(path)
-        if f is None:
-            return self._error(h, 404, "PathNotFound", True)
-        if int(q.get("position", -1)) != len(f.data) + len(f.pending):
-            return self._error(h, 400, "InvalidFlushPosition", True)
-        f.pending += body
-        self._send(h, 202)
+        if (f := self._at_position(h, q, fs, path)) is not None:
+            f.pending += body
+            self._send(h, 202)
 
     def _op_flush(self, h, q, fs, path, body) -> None:
-        files = self._fs(h, fs)
-        if files is None:
+        if (f := self._at_position(h, q, fs, path)) is None:
             return
-        f = files.get(path)
-        if f is None:
-            return self._error(h, 404, "PathNotFound", True)
-        if int(q.get("position", -1)) != len(f.data) + len(f.pending):
-            return self._error(h, 400, "InvalidFlushPosition", True)
         f.data += bytes(f.pending)
         f.pending.clear()
         f.content_type = h.headers.get("x-ms-content-type") or f.content_type
         f.content_md5 = h.headers.get("x-ms-content-md5") or f.content_md5
         f.touch()
-        self._send(
-            h,
-            200,
-            {"ETag": f.etag, "Last-Modified": email.utils.formatdate(f.modified, usegmt=True)},
-        )
+        self._send_etag(h, 200, f)
 
     def _op_rename(self, h, q, fs, path, body) -> None:
         files = self._fs(h, fs)

@@ -7,7 +7,6 @@ import gzip
 import psycopg
 import pytest
 from dagster import DagsterInvariantViolationError, DagsterUnknownPartitionError
-from psycopg import sql
 
 from pg_assets.config import ConfigError
 from pg_assets.core.identifiers import QualifiedName

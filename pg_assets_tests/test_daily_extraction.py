@@ -10,8 +10,8 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from pg_assets.core.layout import daily_paths
 from pg_assets.core.identifiers import QualifiedName
+from pg_assets.core.layout import daily_paths
 from pg_assets.dev.demo_data import ORDER_COLUMNS, create_daily_partitioned, insert_orders
 from pg_assets.sinks.local import LocalSink
 from pg_assets_tests.conftest import day_query, postgres_copy

@@ -84,8 +84,8 @@ def webserver(pg_conninfo: str, tmp_path_factory: pytest.TempPathFactory):
     proc.wait(30)
 
 
-def graphql(url: str, query: str) -> dict:
-    r = requests.post(f"{url}/graphql", json={"query": query}, timeout=60)
+def graphql(url: str, query: str, **variables: object) -> dict:
+    r = requests.post(f"{url}/graphql", json={"query": query, "variables": variables}, timeout=60)
     r.raise_for_status()
     body = r.json()
     assert "errors" not in body, body
@@ -107,13 +107,14 @@ def test_ui_lists_one_partitioned_asset_per_demo_table(webserver):
 def test_materialized_day_shows_its_metadata(webserver):
     data = graphql(
         webserver,
-        """{ assetOrError(assetKey: {path: ["demo", "public", "orders"]}) {
-              ... on Asset { assetMaterializations(partitions: ["%s"]) {
+        """query ($day: String!) {
+            assetOrError(assetKey: {path: ["demo", "public", "orders"]}) {
+              ... on Asset { assetMaterializations(partitions: [$day]) {
                   partition metadataEntries { label
                     ... on IntMetadataEntry { intValue }
                     ... on TextMetadataEntry { text }
-                    ... on PathMetadataEntry { path } } } } } }"""
-        % DAY,
+                    ... on PathMetadataEntry { path } } } } } }""",
+        day=DAY,
     )
     (mat,) = data["assetOrError"]["assetMaterializations"]
     meta = {

@@ -111,7 +111,6 @@ class _Uploader(StagingFile):
         self._md5 = hashlib.md5()
         self._error: BaseException | None = None
         self._closed = False
-        self.etag: str | None = None
         sink._call("create", relpath, self.client.create_file,
                    content_settings=ContentSettings(content_type=content_type))  # fmt: skip
         self._thread = threading.Thread(target=self._run, name="pg_assets-adls-append", daemon=True)
@@ -147,13 +146,8 @@ class _Uploader(StagingFile):
         if self._error is not None:
             raise self._error
         settings = ContentSettings(content_type=self.content_type, content_md5=self._md5.digest())
-        resp = self.sink._call("flush", self.relpath, self.client.flush_data,
-                               self._position, content_settings=settings)  # fmt: skip
-        self.etag = resp.get("etag") if isinstance(resp, dict) else None
-
-    @property
-    def size(self) -> int:
-        return self._position
+        self.sink._call("flush", self.relpath, self.client.flush_data,
+                        self._position, content_settings=settings)  # fmt: skip
 
 
 class AdlsSink(Sink):
@@ -292,8 +286,10 @@ class AdlsSink(Sink):
                 if not isinstance(e.__cause__, ResourceExistsError):
                     raise
         target = f"{self.location.filesystem}/{self._full(relpath)}"
-        self._call("rename", relpath, staging.client.rename_file, target)
-        return Published(uri=self.uri(relpath), size=staging.size, etag=staging.etag)
+        published = self._call("rename", relpath, staging.client.rename_file, target)
+        # the etag readers will see is the published file's own, so ask for it
+        props = self._call("properties", relpath, published.get_file_properties)
+        return Published(uri=self.uri(relpath), size=props.size, etag=props.etag)
 
     def discard(self, staging: StagingFile) -> None:
         assert isinstance(staging, _Uploader)
