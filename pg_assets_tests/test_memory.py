@@ -15,7 +15,7 @@ import pytest
 
 from pg_assets.dev.demo_data import create_daily_partitioned
 
-SMALL, LARGE = 50_000, 1_000_000
+SMALL, LARGE = 250_000, 1_500_000  # both large enough to fill the pipeline
 DAYS = [dt.date(2026, 10, 1), dt.date(2026, 10, 2)]
 
 
@@ -39,11 +39,11 @@ def test_peak_rss_is_flat_across_partition_sizes(sized, tmp_path):
     small = extract("mem.small", DAYS[0], str(tmp_path))
     large = extract("mem.large", DAYS[1], str(tmp_path))
     assert (small["rows"], large["rows"]) == (SMALL, LARGE)
-    assert large["raw_bytes"] > 15 * small["raw_bytes"]
+    assert large["raw_bytes"] > 5 * small["raw_bytes"]
     print(
         f"peak RSS: {small['peak_rss_mb']:.0f} MB at {SMALL} rows, "
         f"{large['peak_rss_mb']:.0f} MB at {LARGE} rows ({large['raw_bytes'] / 1e6:.0f} MB CSV)"
     )
-    # bounded by gather × queue depth + block size (~12 MB), not by the data (~250 MB)
-    assert large["peak_rss_mb"] - small["peak_rss_mb"] < 16
+    # bounded by gather × queue depth + block size (~12 MB), not by the data (+250 MB of CSV)
+    assert large["peak_rss_mb"] - small["peak_rss_mb"] < 10
     assert large["peak_rss_mb"] < 100
