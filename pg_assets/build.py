@@ -11,29 +11,12 @@ from pg_assets.schedules import build_daily_schedule
 
 
 def build_resources(config: ProjectConfig) -> dict[str, object]:
-    pg, b = config.postgres, config.bronze
+    """The config file's `postgres` and `bronze` sections are the resources' own fields."""
+    bronze = config.bronze.model_dump(exclude={"adls"})
     return {
-        "postgres": PostgresResource(
-            conninfo_env=pg.conninfo_env,
-            pool_min=pg.pool_min,
-            pool_max=pg.pool_max,
-            connect_timeout_s=pg.connect_timeout_s,
-            statement_timeout_s=pg.statement_timeout_s,
-        ),
+        "postgres": PostgresResource(**config.postgres.model_dump(exclude={"retries"})),
         "bronze": BronzeResource(
-            root=b.root,
-            codec=b.codec,
-            level=config.bronze_level(),
-            block_size_mib=b.block_size_mib,
-            adls_auth=b.adls.auth,
-            adls_secret_env=b.adls.secret_env,
-            adls_endpoint=b.adls.endpoint,
-            adls_create_filesystem=b.adls.create_filesystem,
-            adls_max_retries=b.adls.max_retries,
-            adls_retry_backoff_s=b.adls.retry_backoff_s,
-            adls_retry_backoff_base=b.adls.retry_backoff_base,
-            adls_queue_depth=b.adls.queue_depth,
-            adls_timeout_s=b.adls.timeout_s,
+            **{**bronze, "level": config.bronze_level()}, adls=config.bronze.adls
         ),
     }
 

@@ -13,7 +13,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from pg_assets.core.compression import CODECS, get_codec
 from pg_assets.core.identifiers import QualifiedName, parse_column_name, parse_qualified_name
+from pg_assets.resources.bronze import AdlsSettings
 
 CONFIG_ENV = "PG_ASSETS_CONFIG"
 DEMO_CONFIG = Path(__file__).parent / "dev" / "demo.yaml"
@@ -46,32 +47,12 @@ class PostgresConfig(_Strict):
     retries: int = Field(default=2, ge=0, description="Retries after a lost connection.")
 
 
-class AdlsConfig(_Strict):
-    auth: Literal["connection_string", "account_key", "sas", "default_credential"] = (
-        "default_credential"
-    )
-    secret_env: str | None = Field(
-        default=None,
-        description="Environment variable holding the connection string, key or SAS token.",
-    )
-    endpoint: str | None = Field(
-        default=None,
-        description="Explicit account URL (emulators, test servers); default is the public cloud.",
-    )
-    create_filesystem: bool = False
-    max_retries: int = Field(default=5, ge=0)
-    retry_backoff_s: float = Field(default=2.0, ge=0, description="First retry wait.")
-    retry_backoff_base: float = Field(default=2.0, ge=0, description="Then + base**attempt s.")
-    queue_depth: int = Field(default=4, ge=1)
-    timeout_s: float = Field(default=120, gt=0)
-
-
 class BronzeConfig(_Strict):
     root: str
     codec: str = "gzip"
     level: int | None = None
     block_size_mib: float = Field(default=4, gt=0, le=100)
-    adls: AdlsConfig = AdlsConfig()
+    adls: AdlsSettings = AdlsSettings()
 
     @field_validator("codec")
     @classmethod
@@ -79,10 +60,6 @@ class BronzeConfig(_Strict):
         if v not in CODECS:
             raise ValueError(f"unknown codec {v!r}; choose one of {sorted(CODECS)}")
         return v
-
-    @property
-    def block_size(self) -> int:
-        return int(self.block_size_mib * 1024 * 1024)
 
 
 class TableConfig(_Strict):

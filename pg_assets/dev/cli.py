@@ -110,10 +110,10 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
-    from pg_assets.dev.embedded import EmbeddedPostgres, _running_port
+    from pg_assets.dev.embedded import EmbeddedPostgres, running_port
 
     pgdata = _home() / "pgdata"
-    port = _running_port(pgdata)
+    port = running_port(pgdata)
     if port is None:
         print("embedded PostgreSQL is not running")
         return 0

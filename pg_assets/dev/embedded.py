@@ -73,7 +73,7 @@ def _pg_ctl(pgdata: Path, args: list[str]) -> None:
     )
 
 
-def _running_port(pgdata: Path) -> int | None:
+def running_port(pgdata: Path) -> int | None:
     pidfile = pgdata / "postmaster.pid"
     try:
         lines = pidfile.read_text().splitlines()
@@ -102,7 +102,7 @@ def start(home: Path) -> EmbeddedPostgres:
     pgdata = home / "pgdata"
     user = _run_as()
     home.mkdir(parents=True, exist_ok=True)
-    if (port := _running_port(pgdata)) is not None:
+    if (port := running_port(pgdata)) is not None:
         server = EmbeddedPostgres(pgdata, port)
         _ready(server.conninfo)
         return server

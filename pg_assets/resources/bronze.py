@@ -5,11 +5,37 @@ gives ADLS Gen2, anything else a local folder. Codec, level and block size trave
 an asset needs nothing but this resource to write a partition.
 """
 
-from dagster import ConfigurableResource
-from pydantic import Field
+from typing import Literal
+
+from dagster import Config, ConfigurableResource
+from pydantic import ConfigDict, Field
 
 from pg_assets.core.compression import Codec, get_codec
 from pg_assets.sinks.base import Sink
+
+
+class AdlsSettings(Config):
+    """How to reach ADLS Gen2; the `bronze.adls` section of the config file."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    auth: Literal["connection_string", "account_key", "sas", "default_credential"] = (
+        "default_credential"
+    )
+    secret_env: str | None = Field(
+        default=None,
+        description="Environment variable holding the connection string, key or SAS token.",
+    )
+    endpoint: str | None = Field(
+        default=None,
+        description="Explicit account URL (emulators, test servers); default is the public cloud.",
+    )
+    create_filesystem: bool = False
+    max_retries: int = Field(default=5, ge=0)
+    retry_backoff_s: float = Field(default=2.0, ge=0, description="First retry wait.")
+    retry_backoff_base: float = Field(default=2.0, ge=0, description="Then + base**attempt s.")
+    queue_depth: int = Field(default=4, ge=1, description="Blocks in flight to the appender.")
+    timeout_s: float = Field(default=120, gt=0)
 
 
 class BronzeResource(ConfigurableResource):
@@ -17,15 +43,7 @@ class BronzeResource(ConfigurableResource):
     codec: str = "gzip"
     level: int | None = None
     block_size_mib: float = 4
-    adls_auth: str = "default_credential"
-    adls_secret_env: str | None = None
-    adls_endpoint: str | None = None
-    adls_create_filesystem: bool = False
-    adls_max_retries: int = 5
-    adls_retry_backoff_s: float = 2.0
-    adls_retry_backoff_base: float = 2.0
-    adls_queue_depth: int = 4
-    adls_timeout_s: float = 120
+    adls: AdlsSettings = AdlsSettings()
 
     @property
     def block_size(self) -> int:
@@ -41,18 +59,7 @@ class BronzeResource(ConfigurableResource):
         if self.root.startswith("abfss://"):
             from pg_assets.sinks.adls import AdlsSink
 
-            return AdlsSink.from_uri(
-                self.root,
-                auth=self.adls_auth,
-                secret_env=self.adls_secret_env,
-                endpoint=self.adls_endpoint,
-                create_filesystem=self.adls_create_filesystem,
-                max_retries=self.adls_max_retries,
-                retry_backoff_s=self.adls_retry_backoff_s,
-                retry_backoff_base=self.adls_retry_backoff_base,
-                queue_depth=self.adls_queue_depth,
-                timeout_s=self.adls_timeout_s,
-            )
+            return AdlsSink.from_uri(self.root, **self.adls.model_dump())
         from pg_assets.sinks.local import LocalSink
 
         return LocalSink(self.root.removeprefix("file://"))
