@@ -107,6 +107,12 @@ def test_unknown_top_level_key_and_bad_codec(tmp_path):
             [{"table": "t", "partition_column": "d"}],
             bronze={"codec": "lz4"},
         )
+    with pytest.raises(ConfigError, match=r"key 'bronze.adls.colour': unknown key"):
+        write_config(
+            tmp_path / "bad.yaml",
+            [{"table": "t", "partition_column": "d"}],
+            bronze={"adls": {"auth": "sas", "colour": "red"}},
+        )
     with pytest.raises(ConfigError, match=r"key 'sources': unknown key"):
         write_config(tmp_path / "bad.yaml", [{"table": "t", "partition_column": "d"}], sources="x")
 
