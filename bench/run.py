@@ -203,9 +203,10 @@ def main() -> int:
         "pgurl": f"postgresql://{info['user']}@{info['host']}:{info['port']}/{info['dbname']}?sslmode=disable",
     }
 
+    def selected(m: Method) -> bool:
+        return not args.only or any(s in m.name for s in args.only.split(","))
+
     def available(m: Method) -> bool:
-        if args.only and not any(s in m.name for s in args.only.split(",")):
-            return False
         if m.needs == "sling":
             return sling_bin() is not None
         if m.needs:
@@ -214,8 +215,8 @@ def main() -> int:
             return importlib.util.find_spec(m.needs) is not None
         return True
 
-    methods = [m for m in METHODS if available(m)]
-    skipped = [m.name for m in METHODS if m not in methods]
+    methods = [m for m in METHODS if selected(m) and available(m)]
+    skipped = [m.name for m in METHODS if selected(m) and not available(m)]
     work = RESULTS / "work"
     results: dict[tuple[str, int], Result] = {}
 
