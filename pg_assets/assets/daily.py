@@ -9,6 +9,7 @@ cannot open more connections than the instance allows for that database.
 
 import datetime as dt
 import re
+from collections.abc import Iterable
 
 import psycopg
 import psycopg_pool
@@ -30,7 +31,7 @@ from pg_assets.catalog import ResolvedTable
 from pg_assets.config import ProjectConfig
 from pg_assets.core.extract import ExtractionError, extract_partition
 from pg_assets.core.layout import daily_paths
-from pg_assets.core.planner import CatalogError, describe_table, plan_day
+from pg_assets.core.planner import CatalogError, Column, describe_table, plan_day
 from pg_assets.resources.bronze import BronzeResource
 from pg_assets.resources.postgres import PostgresResource
 
@@ -49,6 +50,11 @@ def asset_key(source: str, resolved: ResolvedTable) -> AssetKey:
 
 def pool_name(source: str) -> str:
     return f"postgres_{source}"
+
+
+def column_schema(columns: Iterable[Column]) -> TableSchema:
+    """PostgreSQL columns as Dagster's column schema, shown natively in the UI."""
+    return TableSchema(columns=[TableColumn(c.name, c.type) for c in columns])
 
 
 def _is_transient(error: BaseException) -> bool:
@@ -74,9 +80,7 @@ def build_daily_asset(project: ProjectConfig, resolved: ResolvedTable) -> Assets
         "config_file": MetadataValue.path(str(project.path)),
     }
     if resolved.info is not None:
-        static_metadata["dagster/column_schema"] = TableSchema(
-            columns=[TableColumn(c.name, c.type) for c in resolved.info.columns]
-        )
+        static_metadata["dagster/column_schema"] = column_schema(resolved.info.columns)
 
     @asset(
         key=key,
@@ -136,9 +140,7 @@ def build_daily_asset(project: ProjectConfig, resolved: ResolvedTable) -> Assets
             metadata={
                 "dagster/partition_row_count": s.rows,
                 "dagster/uri": result.published.uri,
-                "dagster/column_schema": TableSchema(
-                    columns=[TableColumn(c.name, c.type) for c in info.columns]
-                ),
+                "dagster/column_schema": column_schema(info.columns),
                 "rows": s.rows,
                 "raw_bytes": MetadataValue.int(s.raw_bytes),
                 "compressed_bytes": MetadataValue.int(s.compressed_bytes),
