@@ -160,3 +160,23 @@ def test_start_required_when_nothing_to_derive_it_from(odd, project):
         ConfigError, match="key 'start': not set and public.victim has no partition bounds"
     ):
         project([{"table": "public.victim", "partition_column": "d"}])
+
+
+def test_unreachable_database_at_load(project, monkeypatch):
+    """With every `start` set the location still loads (checks move into the runs);
+    without one, the error says which table needs it."""
+    monkeypatch.setenv("PG_ASSETS_DOWN", "host=127.0.0.1 port=1 user=x password=s3cret")
+    p = project(
+        [{"table": "public.victim", "partition_column": "d", "start": "2026-10-01"}],
+        postgres={"conninfo_env": "PG_ASSETS_DOWN", "connect_timeout_s": 1},
+    )
+    assert p.asset().partitions_def.start.date().isoformat() == "2026-10-01"
+    result = p.materialize("2026-10-02")
+    assert not result.success
+    assert "s3cret" not in str([e.event_specific_data for e in result.all_events])
+    with pytest.raises(ConfigError, match=r"table 'public.victim': key 'start': not set") as err:
+        project(
+            [{"table": "public.victim", "partition_column": "d"}],
+            postgres={"conninfo_env": "PG_ASSETS_DOWN", "connect_timeout_s": 1},
+        )
+    assert "s3cret" not in str(err.value)
