@@ -296,22 +296,21 @@ class AdlsTestServer:
             return self._send(h, 200)
         self._error(h, 404, "PathNotFound", True)
 
-    def _op_props(self, h, q, fs, path, body) -> None:
+    def _blob(self, h, fs: str, path: str) -> _File | None:
+        """A committed file through the Blob API, or its 404."""
         files = self._fs(h, fs, dfs=False)
-        if files is None:
-            return
-        f = files.get(path)
-        if f is None:
-            return self._error(h, 404, "BlobNotFound", False)
-        self._send(h, 200, {**self._file_headers(f), "Content-Length": str(len(f.data))})
+        f = files.get(path) if files is not None else None
+        if files is not None and f is None:
+            self._error(h, 404, "BlobNotFound", False)
+        return f
+
+    def _op_props(self, h, q, fs, path, body) -> None:
+        if (f := self._blob(h, fs, path)) is not None:
+            self._send(h, 200, {**self._file_headers(f), "Content-Length": str(len(f.data))})
 
     def _op_read(self, h, q, fs, path, body) -> None:
-        files = self._fs(h, fs, dfs=False)
-        if files is None:
+        if (f := self._blob(h, fs, path)) is None:
             return
-        f = files.get(path)
-        if f is None:
-            return self._error(h, 404, "BlobNotFound", False)
         rng = h.headers.get("x-ms-range") or h.headers.get("Range")
         data, status, headers = f.data, 200, self._file_headers(f)
         if rng and (m := re.match(r"bytes=(\d+)-(\d*)", rng)):
