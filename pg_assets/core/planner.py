@@ -60,7 +60,7 @@ class Column:
 class Child:
     name: QualifiedName
     is_default: bool
-    is_partitioned: bool
+    is_plain: bool  # an ordinary table: `COPY child TO` works (not partitioned, not foreign)
     lower: Any | None  # None = MINVALUE (or DEFAULT)
     upper: Any | None  # None = MAXVALUE (or DEFAULT)
 
@@ -106,7 +106,7 @@ ORDER BY attnum
 """
 
 _CHILDREN_SQL = """
-SELECT n.nspname, c.relname, c.relkind = 'p', pg_get_expr(c.relpartbound, c.oid)
+SELECT n.nspname, c.relname, c.relkind, pg_get_expr(c.relpartbound, c.oid)
 FROM pg_inherits i
 JOIN pg_class c ON c.oid = i.inhrelid
 JOIN pg_namespace n ON n.oid = c.relnamespace
@@ -151,7 +151,7 @@ def describe_table(conn: psycopg.Connection, name: QualifiedName, column: str) -
         children: list[Child] = []
         if is_partitioned:
             raw_children = cur.execute(_CHILDREN_SQL, (oid,)).fetchall()
-            for schema, rel, sub, bound in raw_children:
+            for schema, rel, kind_, bound in raw_children:
                 lower = upper = None
                 is_default = bound == "DEFAULT"
                 if ranged and not is_default:
@@ -163,7 +163,7 @@ def describe_table(conn: psycopg.Connection, name: QualifiedName, column: str) -
                     q = sql.SQL("SELECT %s::{t}, %s::{t}").format(t=_CAST[kind])
                     lower, upper = cur.execute(q, (lo_text, hi_text)).fetchone()  # type: ignore[misc]
                 children.append(
-                    Child(QualifiedName(schema, rel), is_default, bool(sub), lower, upper)
+                    Child(QualifiedName(schema, rel), is_default, kind_ == "r", lower, upper)
                 )
     return TableInfo(
         name=name,
@@ -218,7 +218,7 @@ def plan_day(info: TableInfo, day: dt.date, timezone: str) -> CopyPlan:
     ]
     if covering:
         child = covering[0]
-        if not child.is_partitioned and (child.lower, child.upper) == (lo, hi):
+        if child.is_plain and (child.lower, child.upper) == (lo, hi):
             stmt = sql.SQL("COPY {rel} ({cols}) TO STDOUT {opts}").format(
                 rel=child.name.identifier, cols=cols, opts=COPY_OPTIONS
             )
