@@ -310,9 +310,6 @@ class AdlsSink(Sink):
         client = self._fs.get_file_client(self._full(relpath))
         return self._call("read", relpath, lambda: client.download_file().readall())
 
-    def exists(self, relpath: str) -> bool:
-        return self._call("exists", relpath, self._fs.get_file_client(self._full(relpath)).exists)
-
     def list_files(self, prefix: str = "") -> list[str]:
         full = self._full(prefix).strip("/")
         strip = len(self.location.prefix) + 1 if self.location.prefix else 0

@@ -62,9 +62,6 @@ class Sink(ABC):
     def read_bytes(self, relpath: str) -> bytes: ...
 
     @abstractmethod
-    def exists(self, relpath: str) -> bool: ...
-
-    @abstractmethod
     def list_files(self, prefix: str = "") -> list[str]:
         """Relative paths of every file under `prefix`, staging included."""
 

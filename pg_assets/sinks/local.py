@@ -71,9 +71,6 @@ class LocalSink(Sink):
     def read_bytes(self, relpath: str) -> bytes:
         return self._path(relpath).read_bytes()
 
-    def exists(self, relpath: str) -> bool:
-        return self._path(relpath).is_file()
-
     def list_files(self, prefix: str = "") -> list[str]:
         base = self._path(prefix) if prefix else self.root
         if not base.exists():
