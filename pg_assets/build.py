@@ -1,6 +1,10 @@
-"""Build Dagster definitions (assets, resources, schedules) from a validated config."""
+"""Build Dagster definitions (assets, resources, schedules) from a validated config.
 
-from dagster import Definitions
+Building reads no catalog and opens no connection (see pg_assets.catalog): the code location
+loads in the webserver, the daemon and every run process, with or without the database.
+"""
+
+from dagster import Definitions, in_process_executor
 
 from pg_assets.assets.daily import asset_key, build_daily_asset
 from pg_assets.catalog import resolve_tables
@@ -37,4 +41,7 @@ def build_definitions(config: ProjectConfig) -> Definitions:
         assets=assets,
         schedules=[build_daily_schedule(a) for a in assets],
         resources=build_resources(config),
+        # Every run here is one step (one table's days): the multiprocess default would start
+        # a second process and load the code location again for it, for nothing.
+        executor=in_process_executor,
     )

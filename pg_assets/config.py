@@ -24,6 +24,7 @@ from pg_assets.core.identifiers import QualifiedName, parse_column_name, parse_q
 from pg_assets.resources.bronze import AdlsSettings
 
 CONFIG_ENV = "PG_ASSETS_CONFIG"
+STATE_DIR_ENV = "PG_ASSETS_STATE_DIR"
 DEMO_CONFIG = Path(__file__).parent / "dev" / "demo.yaml"
 
 
@@ -62,11 +63,31 @@ class BronzeConfig(_Strict):
         return v
 
 
+# Days per run of a backfill (BackfillPolicy.multi_run). Measured on the project's 2-core
+# machine (bench/RESULTS.md, "Year backfill"): a run costs ~2-3 s of process start, code load
+# and bookkeeping whatever its size, a ~1,000-row day ~0.05 s inside a run. 30 days a run puts
+# a year in 13 runs, enough to keep the per-source pool (4 by default) busy, while a failed run
+# or a retry redoes at most 30 days' worth of planning.
+DEFAULT_MAX_PARTITIONS_PER_RUN = 30
+
+
+class BackfillConfig(_Strict):
+    """How Dagster backfills group days into runs (per table override: same key in a table)."""
+
+    max_partitions_per_run: int = Field(
+        default=DEFAULT_MAX_PARTITIONS_PER_RUN,
+        ge=1,
+        le=10_000,
+        description="Days extracted by one backfill run, each day published on its own.",
+    )
+
+
 class TableConfig(_Strict):
     table: str
     partition_column: str
     start: dt.date | None = None
     timezone: str = "UTC"
+    max_partitions_per_run: int | None = Field(default=None, ge=1, le=10_000)
 
     @field_validator("table")
     @classmethod
@@ -101,7 +122,9 @@ class TableConfig(_Strict):
 
     def fingerprint(self, bronze: BronzeConfig) -> str:
         """A code_version: changes whenever what lands in Bronze for this table would change."""
-        payload = {"table": self.model_dump(mode="json"), "codec": bronze.codec}
+        # How days are grouped into runs changes nothing in Bronze: not part of the version.
+        table = self.model_dump(mode="json", exclude={"max_partitions_per_run"})
+        payload = {"table": table, "codec": bronze.codec}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -109,11 +132,28 @@ class ProjectConfig(_Strict):
     source: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     postgres: PostgresConfig = PostgresConfig()
     bronze: BronzeConfig
+    backfill: BackfillConfig = BackfillConfig()
     tables: list[TableConfig] = Field(min_length=1)
     path: Path | None = Field(default=None, exclude=True)
 
     def table_context(self, table: TableConfig) -> str:
         return f"{self.path or '<config>'}: table {table.table!r}"
+
+    def max_partitions_per_run(self, table: TableConfig) -> int:
+        if table.max_partitions_per_run is not None:
+            return table.max_partitions_per_run
+        return self.backfill.max_partitions_per_run
+
+    @property
+    def state_dir(self) -> Path:
+        """Where `pg-assets check` caches what it learned from the catalog (first days):
+        `$PG_ASSETS_STATE_DIR`, else `.pg_assets/` beside the config file, so the cache
+        travels with the config it describes (ship both in a deployment image)."""
+        explicit = os.environ.get(STATE_DIR_ENV)
+        if explicit:
+            return Path(explicit).resolve()
+        base = self.path.parent if self.path is not None else Path.cwd()
+        return base / ".pg_assets"
 
     def bronze_level(self) -> int:
         codec = get_codec(self.bronze.codec)

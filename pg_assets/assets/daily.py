@@ -1,41 +1,68 @@
-"""One daily-partitioned asset per configured table.
+"""One daily-partitioned asset per configured table; one run extracts one day or many.
 
-Each asset is a thin wrapper over `pg_assets.core.extract.extract_partition`: it turns the
-partition key into a day, opens a snapshot on the pooled connection, plans the cheapest
-correct COPY, streams it into Bronze and reports what landed as materialization metadata.
+A schedule's run covers one day; a backfill's runs cover up to `max_partitions_per_run` days
+each (`BackfillPolicy.multi_run`), because a run costs seconds of process start, code load and
+bookkeeping whatever it does, while a ~1,000-row day costs a few hundredths of a second.
+
+Inside a run every day is still its own unit, exactly as a single-day run: planned, extracted,
+published and manifested on its own (`extract_one_day`), and recorded as its own
+`AssetMaterialization(partition=day)` carrying that day's rows, bytes, seconds, relation and
+sha256. The asset has `output_required=False` and yields no output: Dagster then records exactly
+the materializations we yield, one per finished day, instead of stamping one result's metadata
+on every day of the range (dagster#18123).
+
+A day that fails fails only itself: the run goes on with the other days, and fails at the end
+naming each failed day and its cause. The backfill daemon and the partition status count the
+days materialized by the failed run as materialized and only the rest of its range as failed.
+A lost connection is retried with RetryRequested; the retry skips the days this run already
+materialized (read back from the run's own event log), so only the failed days are redone.
 Assets of one source share a Dagster concurrency pool named after the source, so a backfill
 cannot open more connections than the instance allows for that database.
 """
 
 import datetime as dt
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, NoReturn
 
 import psycopg
 import psycopg_pool
 from dagster import (
     AssetExecutionContext,
     AssetKey,
+    AssetMaterialization,
     AssetsDefinition,
+    BackfillPolicy,
+    DagsterEventType,
     DailyPartitionsDefinition,
     Failure,
-    MaterializeResult,
     MetadataValue,
     RetryRequested,
     TableColumn,
     TableSchema,
     asset,
 )
+from dagster._core.definitions.data_version import (
+    CODE_VERSION_TAG,
+    DATA_VERSION_IS_USER_PROVIDED_TAG,
+    DATA_VERSION_TAG,
+)
 
 from pg_assets.catalog import ResolvedTable
-from pg_assets.config import ProjectConfig
-from pg_assets.core.extract import ExtractionError, extract_partition
+from pg_assets.config import ProjectConfig, TableConfig
+from pg_assets.core.compression import Codec
+from pg_assets.core.extract import ExtractionError, ExtractResult, extract_partition
 from pg_assets.core.layout import daily_paths
-from pg_assets.core.planner import CatalogError, Column, describe_table, plan_day
+from pg_assets.core.planner import CatalogError, Column, TableInfo, describe_table, plan_day
 from pg_assets.resources.bronze import BronzeResource
 from pg_assets.resources.postgres import PostgresResource
+from pg_assets.sinks.base import Sink
 
 TRANSIENT = (psycopg.OperationalError, psycopg_pool.PoolTimeout)
+# After this many days in a row fail with a lost connection, the rest of the range is not
+# attempted in this try (each would wait out the connect timeout); the retry picks them up.
+MAX_CONSECUTIVE_LOST = 2
 
 
 def safe_name(text: str) -> str:
@@ -57,12 +84,93 @@ def column_schema(columns: Iterable[Column]) -> TableSchema:
     return TableSchema(columns=[TableColumn(c.name, c.type) for c in columns])
 
 
-def _is_transient(error: BaseException) -> bool:
+def is_retryable(error: BaseException | None) -> bool:
+    """The retry hook: is this failure worth another try (a lost connection)?
+
+    One small function on purpose: the classification moves to pg_assets.core.errors."""
     while error is not None:
         if isinstance(error, TRANSIENT):
             return True
-        error = error.__cause__  # type: ignore[assignment]
+        error = error.__cause__
     return False
+
+
+@dataclass(frozen=True)
+class DayJob:
+    """Everything one day's extraction needs besides the day: the same for every day of a run."""
+
+    source: str
+    table: TableConfig
+    info: TableInfo
+    sink: Sink
+    codec: Codec
+    level: int
+    run_id: str
+    block_size: int
+
+
+def extract_one_day(postgres: PostgresResource, job: DayJob, day: dt.date) -> ExtractResult:
+    """One day, end to end, exactly as a single-day run does it: its own snapshot
+    transaction, plan, COPY, publish and manifest. This is the one call to swap for
+    `pg_assets.core.extract.extract_day`."""
+    with postgres.snapshot() as conn:
+        return extract_partition(
+            conn,
+            info=job.info,
+            plan=plan_day(job.info, day, job.table.timezone),
+            sink=job.sink,
+            paths=daily_paths(job.source, job.table.name, day, job.codec.extension),
+            codec=job.codec,
+            level=job.level,
+            run_id=job.run_id,
+            partition_key=day.isoformat(),
+            block_size=job.block_size,
+        )
+
+
+def day_metadata(result: ExtractResult, info: TableInfo) -> dict[str, Any]:
+    """A day's materialization metadata, from that day's own manifest."""
+    m = result.manifest
+    seconds = float(m.get("seconds") or 0)
+    raw, compressed = int(m["raw_bytes"]), int(m["compressed_bytes"])
+    snapshot = m.get("snapshot")
+    lsn = snapshot.get("lsn_upper_bound") if isinstance(snapshot, dict) else m.get("snapshot_lsn")
+    return {
+        "dagster/partition_row_count": int(m["rows"]),
+        "dagster/uri": m["uri"],
+        "dagster/column_schema": column_schema(info.columns),
+        "rows": int(m["rows"]),
+        "raw_bytes": MetadataValue.int(raw),
+        "compressed_bytes": MetadataValue.int(compressed),
+        "compression_ratio": MetadataValue.float(round(raw / compressed, 2) if compressed else 0.0),
+        "seconds": MetadataValue.float(round(seconds, 3)),
+        "mb_per_s": MetadataValue.float(round(raw / 1e6 / seconds, 1) if seconds else 0.0),
+        "uri": MetadataValue.path(m["uri"]),
+        "source_relation": str(m["source_relation"]),
+        "strategy": str(m["strategy"]),
+        "snapshot_lsn": str(lsn or ""),
+        "sha256": m["sha256"],
+        "codec": f"{m['codec']}:{m['level']}",
+    }
+
+
+def materialized_in_this_run(context: AssetExecutionContext, key: AssetKey) -> set[str]:
+    """Days of `key` this run has already recorded (by an earlier try of this step)."""
+    conn = context.instance.get_records_for_run(
+        context.run_id, of_type=DagsterEventType.ASSET_MATERIALIZATION, limit=100_000
+    )
+    done = set()
+    for record in conn.records:
+        event = record.event_log_entry.dagster_event
+        mat = event.step_materialization_data.materialization if event else None
+        if mat is not None and mat.asset_key == key and mat.partition:
+            done.add(mat.partition)
+    return done
+
+
+def _cause(error: BaseException) -> str:
+    text = str(error) if isinstance(error, ExtractionError | Failure) else ""
+    return text or f"{type(error).__name__}: {error}"
 
 
 def build_daily_asset(project: ProjectConfig, resolved: ResolvedTable) -> AssetsDefinition:
@@ -70,6 +178,7 @@ def build_daily_asset(project: ProjectConfig, resolved: ResolvedTable) -> Assets
     qname = table.name
     key = asset_key(project.source, resolved)
     retries = project.postgres.retries
+    code_version = table.fingerprint(project.bronze)
     partitions = DailyPartitionsDefinition(
         start_date=resolved.start.isoformat(), timezone=table.timezone
     )
@@ -77,17 +186,18 @@ def build_daily_asset(project: ProjectConfig, resolved: ResolvedTable) -> Assets
         "table": MetadataValue.text(str(qname)),
         "partition_column": MetadataValue.text(table.column),
         "timezone": MetadataValue.text(table.timezone),
+        "first_day": MetadataValue.text(f"{resolved.start} (from {resolved.start_from})"),
         "config_file": MetadataValue.path(str(project.path)),
     }
-    if resolved.info is not None:
-        static_metadata["dagster/column_schema"] = column_schema(resolved.info.columns)
 
     @asset(
         key=key,
         group_name=project.source,
         partitions_def=partitions,
+        backfill_policy=BackfillPolicy.multi_run(project.max_partitions_per_run(table)),
+        output_required=False,
         pool=pool_name(project.source),
-        code_version=table.fingerprint(project.bronze),
+        code_version=code_version,
         kinds={"postgres", "csv"},
         metadata=static_metadata,
         description=f"Daily extract of PostgreSQL table {qname} by {table.column} "
@@ -95,65 +205,107 @@ def build_daily_asset(project: ProjectConfig, resolved: ResolvedTable) -> Assets
     )
     def _daily(
         context: AssetExecutionContext, postgres: PostgresResource, bronze: BronzeResource
-    ) -> MaterializeResult:
-        partition_key = context.partition_key
-        day = dt.date.fromisoformat(partition_key)
-        where = f"table {qname}, partition {partition_key}"
-        if day < resolved.start:
-            raise Failure(f"{where}: before the first day {resolved.start} of this table")
-        codec, level = bronze.get_codec(), bronze.get_level()
+    ) -> Iterator[AssetMaterialization]:
+        days = [dt.date.fromisoformat(k) for k in context.partition_keys]
+        span = days[0].isoformat() if len(days) == 1 else f"{days[0]}...{days[-1]}"
+        where = f"table {qname}, partition {span}"
+        early = [d for d in days if d < resolved.start]
+        if early:
+            raise Failure(f"{where}: {early[0]} is before the first day {resolved.start}")
+        if context.retry_number > 0:
+            done = materialized_in_this_run(context, key)
+            days = [d for d in days if d.isoformat() not in done]
+            context.log.info(f"{where}: try {context.retry_number + 1}, {len(days)} days left")
+        if not days:
+            return
         try:
             sink = bronze.get_sink()
         except Exception as e:  # bad root, missing secret, refused credential
             raise Failure(f"{where}: Bronze at {bronze.root} is not usable: {e}") from e
-        paths = daily_paths(project.source, qname, day, codec.extension)
         try:
-            with postgres.snapshot() as conn:
-                try:
-                    info = describe_table(conn, qname, table.column)
-                except CatalogError as e:
-                    raise Failure(f"{where}: {e} (config key {e.key!r})") from None
-                plan = plan_day(info, day, table.timezone)
-                context.log.info(f"{where}: {plan.strategy} on {plan.relation}")
-                result = extract_partition(
-                    conn,
-                    info=info,
-                    plan=plan,
-                    sink=sink,
-                    paths=paths,
-                    codec=codec,
-                    level=level,
-                    run_id=context.run_id,
-                    partition_key=partition_key,
-                    block_size=bronze.block_size,
-                )
-        except (ExtractionError, *TRANSIENT) as e:
-            if _is_transient(e) and retries:
-                # exponential backoff: 1 s, 2 s, 4 s … capped at 30 s
-                wait = min(30, 2**context.retry_number)
-                raise RetryRequested(max_retries=retries, seconds_to_wait=wait) from e
-            if isinstance(e, ExtractionError):
-                raise Failure(str(e)) from e
-            raise Failure(f"{where}: {type(e).__name__}: {e}") from e
-        s = result.stats
-        return MaterializeResult(
-            metadata={
-                "dagster/partition_row_count": s.rows,
-                "dagster/uri": result.published.uri,
-                "dagster/column_schema": column_schema(info.columns),
-                "rows": s.rows,
-                "raw_bytes": MetadataValue.int(s.raw_bytes),
-                "compressed_bytes": MetadataValue.int(s.compressed_bytes),
-                "compression_ratio": MetadataValue.float(round(s.ratio, 2)),
-                "seconds": MetadataValue.float(round(s.seconds, 3)),
-                "mb_per_s": MetadataValue.float(round(s.mb_per_s, 1)),
-                "uri": MetadataValue.path(result.published.uri),
-                "source_relation": str(plan.relation),
-                "strategy": plan.strategy,
-                "snapshot_lsn": result.snapshot_lsn,
-                "sha256": s.sha256,
-                "codec": f"{codec.name}:{level}",
-            }
+            with postgres.snapshot() as conn:  # once per run, whatever the number of days
+                info = describe_table(conn, qname, table.column)
+        except CatalogError as e:
+            raise Failure(f"{where}: {e} (config key {e.key!r})") from None
+        except TRANSIENT as e:
+            _retry_or_fail(context, retries, where, {d: e for d in days})
+        job = DayJob(
+            source=project.source,
+            table=table,
+            info=info,
+            sink=sink,
+            codec=bronze.get_codec(),
+            level=bronze.get_level(),
+            run_id=context.run_id,
+            block_size=bronze.block_size,
         )
+        failed: dict[dt.date, BaseException] = {}
+        lost_in_a_row = 0
+        for i, day in enumerate(days):
+            if lost_in_a_row >= MAX_CONSECUTIVE_LOST:
+                cause = failed[days[i - 1]]
+                for rest in days[i:]:
+                    failed[rest] = cause
+                context.log.warning(
+                    f"{where}: {lost_in_a_row} days in a row lost the connection; "
+                    f"{len(days) - i} days not attempted in this try"
+                )
+                break
+            try:
+                result = extract_one_day(postgres, job, day)
+            except Exception as e:
+                failed[day] = e
+                lost_in_a_row = lost_in_a_row + 1 if is_retryable(e) else 0
+                context.log.error(f"table {qname}, partition {day}: {_cause(e)}")
+                continue
+            lost_in_a_row = 0
+            context.log.info(
+                f"table {qname}, partition {day}: {result.plan.strategy} on "
+                f"{result.plan.relation}, {result.stats.rows} rows"
+            )
+            yield AssetMaterialization(
+                asset_key=key,
+                partition=day.isoformat(),
+                metadata=day_metadata(result, info),
+                tags={
+                    CODE_VERSION_TAG: code_version,
+                    DATA_VERSION_TAG: result.manifest["sha256"],
+                    DATA_VERSION_IS_USER_PROVIDED_TAG: "true",
+                },
+            )
+        if failed:
+            _retry_or_fail(context, retries, where, failed)
 
     return _daily
+
+
+def _retry_or_fail(
+    context: AssetExecutionContext,
+    retries: int,
+    where: str,
+    failed: dict[dt.date, BaseException],
+) -> NoReturn:
+    """End the step: another try when a connection was lost and tries remain (the retry
+    redoes only the days not materialized), else a failure naming every failed day."""
+    lost = [d for d, e in failed.items() if is_retryable(e)]
+    if lost and context.retry_number < retries:
+        wait = min(30, 2**context.retry_number)  # 1 s, 2 s, 4 s … capped at 30 s
+        context.log.warning(
+            f"{where}: {len(lost)} day(s) lost the connection; retrying "
+            f"{len(failed)} day(s) in {wait} s (try {context.retry_number + 2} of {retries + 1})"
+        )
+        raise RetryRequested(max_retries=retries, seconds_to_wait=wait) from failed[lost[0]]
+    lines = [f"{d}: {_cause(e)}" for d, e in sorted(failed.items())]
+    if len(failed) == 1:
+        ((day, error),) = failed.items()
+        text = _cause(error)
+        table = where.split(", partition")[0]
+        summary = text if day.isoformat() in text else f"{table}, partition {day}: {text}"
+    else:
+        summary = f"{where}: {len(failed)} day(s) failed:\n" + "\n".join(lines)
+    if lost and retries:
+        summary += f"\n(after {retries} retries of the lost connection)"
+    raise Failure(
+        description=summary,
+        metadata={"failed_days": MetadataValue.json([d.isoformat() for d in sorted(failed)])},
+    )

@@ -1,25 +1,23 @@
 """`pg-assets`: the embedded quick start and a few operator commands.
 
-    pg-assets demo [--start D] [--end D]   start PostgreSQL, load demo data, materialize days
-    pg-assets dev                          the same server, then `dagster dev` (the UI)
-    pg-assets up | stop                    start / stop the embedded PostgreSQL
-    pg-assets check                        validate the config against the live catalog
-
-Commands run from the project folder: state lives in ./.pg_assets, the Dagster instance is
-./dagster.yaml. With PG_ASSETS_CONNINFO already set, the embedded server is not used.
+Commands run from the project folder: PostgreSQL's data, Bronze and the Dagster instance
+(DAGSTER_HOME, unless set) live in ./.pg_assets; ./dagster.yaml is the instance config. With
+PG_ASSETS_CONNINFO already set, the embedded server is not used.
 """
 
 import argparse
 import datetime as dt
 import os
+import signal
 import sys
+import threading
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 warnings.filterwarnings("ignore", module="platformdirs")
 
-DEMO_END = dt.date(2026, 11, 4)
-DEMO_DAYS = 35
+CONNINFO_ENV = "PG_ASSETS_CONNINFO"
 
 
 def _home() -> Path:
@@ -27,43 +25,111 @@ def _home() -> Path:
 
 
 def _up(reload: bool = False) -> str:
-    """Ensure a database: the user's (PG_ASSETS_CONNINFO) or the embedded one with demo data."""
-    if os.environ.get("PG_ASSETS_CONNINFO"):
-        return os.environ["PG_ASSETS_CONNINFO"]
+    """Ensure a database: the user's (PG_ASSETS_CONNINFO) or the embedded one with demo data
+    through yesterday (reloaded when it ends earlier: rows depend on their day alone, so the
+    days already there come back identical)."""
+    if os.environ.get(CONNINFO_ENV):
+        return os.environ[CONNINFO_ENV]
     import psycopg
 
-    from pg_assets.dev.demo_data import load_demo
+    from pg_assets.dev.demo_data import DEMO_START, demo_end, demo_loaded_through, load_demo
     from pg_assets.dev.embedded import start
 
     server = start(_home())
+    end = demo_end()
     with psycopg.connect(server.conninfo, autocommit=True) as conn:
-        loaded = conn.execute("SELECT to_regclass('public.customers') IS NOT NULL").fetchone()
-        if reload or not (loaded and loaded[0]):
-            print(f"loading demo tables ({DEMO_DAYS} days up to {DEMO_END}) ...", flush=True)
+        through = demo_loaded_through(conn)
+        if reload or through is None or through < end:
+            print(f"loading demo tables ({DEMO_START} to {end}) ...", flush=True)
             with conn.transaction():
-                load_demo(conn, DEMO_END, DEMO_DAYS)
-    os.environ["PG_ASSETS_CONNINFO"] = server.conninfo
+                load_demo(conn, end)
+    os.environ[CONNINFO_ENV] = server.conninfo
     print(f"PostgreSQL ready: {server.conninfo}  (psql: {server.psql})", flush=True)
+    print("  it keeps running after this command; stop it with: pg-assets stop", flush=True)
     return server.conninfo
 
 
-def _dagster_env() -> None:
-    os.environ.setdefault("DAGSTER_HOME", str(Path.cwd()))
-    (Path.cwd() / ".pg_assets" / "dagster").mkdir(parents=True, exist_ok=True)
+def _dagster_home() -> Path:
+    """DAGSTER_HOME if set, else ./.pg_assets/dagster holding a link to ./dagster.yaml.
+
+    Dagster writes .nux/, logs/, .logs_queue/ and its storage into DAGSTER_HOME; keeping it
+    under .pg_assets keeps the project folder clean while ./dagster.yaml stays the config."""
+    if os.environ.get("DAGSTER_HOME"):
+        home = Path(os.environ["DAGSTER_HOME"])
+        home.mkdir(parents=True, exist_ok=True)
+        return home
+    home = _home() / "dagster"
+    home.mkdir(parents=True, exist_ok=True)
+    link, project_yaml = home / "dagster.yaml", Path.cwd() / "dagster.yaml"
+    if project_yaml.exists() and not (link.exists() or link.is_symlink()):
+        link.symlink_to(os.path.relpath(project_yaml, home))
+    os.environ["DAGSTER_HOME"] = str(home)
+    return home
+
+
+def _workspace(home: Path) -> Path:
+    project = Path.cwd() / "workspace.yaml"
+    if project.exists():
+        return project
+    generated = home / "workspace.yaml"
+    generated.write_text(
+        "load_from:\n  - python_module:\n      module_name: pg_assets.definitions\n"
+        "      location_name: pg_assets\n"
+    )
+    return generated
+
+
+def _check(quiet: bool = False) -> int:
+    """Validate the config against the live catalog; 0 ok, 1 could not check, 2 config error."""
+    from pg_assets.catalog import UncheckableError, cache_path, check_tables
+    from pg_assets.config import ConfigError, load_config
+
+    try:
+        config = load_config()
+        checked = check_tables(config)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except UncheckableError as e:
+        print(f"error: could not check the configuration: {e}", file=sys.stderr)
+        return 1
+    for c in checked:
+        where = "from config" if c.start_from == "config" else f"cached in {cache_path(config)}"
+        if not quiet:
+            print(
+                f"{c.config.table}: ok ({len(c.info.columns)} columns, "
+                f"{len(c.info.children)} partitions), first day {c.start} ({where})"
+            )
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from pg_assets.config import CONFIG_ENV, load_config
+
+    try:
+        conninfo_env = load_config().postgres.conninfo_env
+    except Exception:  # reported by _check with its file, table and key
+        conninfo_env = CONNINFO_ENV
+    if conninfo_env == CONNINFO_ENV and not os.environ.get(CONFIG_ENV):
+        _up()  # the demo config: check against the embedded server, as demo and dev use
+    return _check()
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     _up(args.reload)
-    _dagster_env()
+    if (rc := _check(quiet=True)) != 0:
+        return rc
+    _dagster_home()
     from dagster import DagsterInstance
 
     from pg_assets.build import build_definitions
     from pg_assets.config import load_config
+    from pg_assets.dev.demo_data import demo_end
 
     config = load_config()
     defs = build_definitions(config)
     instance = DagsterInstance.get()
-    end = args.end or DEMO_END
+    end = args.end or demo_end()
     start = args.start or end - dt.timedelta(days=6)
     days = [start + dt.timedelta(days=n) for n in range((end - start).days + 1)]
     print(f"materializing {len(days)} days × {len(config.tables)} tables into {config.bronze.root}")
@@ -71,37 +137,86 @@ def cmd_demo(args: argparse.Namespace) -> int:
         f"{'asset':<28} {'day':<11} {'rows':>8} {'raw MB':>8} {'gz MB':>7} {'ratio':>6} {'MB/s':>7}  relation"
     )
     failed = 0
-    for schedule in defs.schedules or []:
-        job = defs.resolve_job_def(schedule.job_name)
-        for day in days:
-            result = job.execute_in_process(
-                partition_key=day.isoformat(),
-                instance=instance,
-                raise_on_error=False,
-                run_config={"loggers": {"console": {"config": {"log_level": "WARNING"}}}},
+    for asset_def in defs.assets or []:
+        # One ranged run per table, as a backfill runs it: each day is still its own
+        # extraction, file, manifest and materialization.
+        result = ranged_run(defs, instance, asset_def.key, days[0], days[-1])  # type: ignore[union-attr]
+        if not result.success:
+            failed += 1
+            print(f"FAILED {asset_def.key.to_user_string()}: see the run in the UI")  # type: ignore[union-attr]
+        for mat in result.get_asset_materialization_events():
+            m = mat.materialization.metadata
+            print(
+                f"{mat.asset_key.to_user_string():<28} {mat.partition:<11} "
+                f"{m['rows'].value:>8} {m['raw_bytes'].value / 1e6:>8.2f} "
+                f"{m['compressed_bytes'].value / 1e6:>7.2f} {m['compression_ratio'].value:>6.1f} "
+                f"{m['mb_per_s'].value:>7.1f}  {m['source_relation'].value} ({m['strategy'].value})"
             )
-            if not result.success:
-                failed += 1
-                print(f"FAILED {schedule.job_name} {day}: see the run in the UI")
-                continue
-            for mat in result.get_asset_materialization_events():
-                m = mat.materialization.metadata
-                print(
-                    f"{mat.asset_key.to_user_string():<28} {day.isoformat():<11} "
-                    f"{m['rows'].value:>8} {m['raw_bytes'].value / 1e6:>8.2f} "
-                    f"{m['compressed_bytes'].value / 1e6:>7.2f} {m['compression_ratio'].value:>6.1f} "
-                    f"{m['mb_per_s'].value:>7.1f}  {m['source_relation'].value} ({m['strategy'].value})"
-                )
     print(f"\nBronze: {config.bronze.root}\nOpen the UI with: .venv/bin/pg-assets dev")
+    print("PostgreSQL keeps running; stop it with: .venv/bin/pg-assets stop")
     return 1 if failed else 0
 
 
+def ranged_run(defs, instance, key, first: dt.date, last: dt.date):
+    """Materialize days first..last of one asset in one run (what a backfill run does)."""
+    from dagster._core.storage.tags import (
+        ASSET_PARTITION_RANGE_END_TAG,
+        ASSET_PARTITION_RANGE_START_TAG,
+    )
+
+    job = defs.resolve_implicit_job_def_def_for_assets([key])
+    return job.execute_in_process(
+        instance=instance,
+        asset_selection=[key],
+        raise_on_error=False,
+        tags={
+            ASSET_PARTITION_RANGE_START_TAG: first.isoformat(),
+            ASSET_PARTITION_RANGE_END_TAG: last.isoformat(),
+        },
+        run_config={"loggers": {"console": {"config": {"log_level": "WARNING"}}}},
+    )
+
+
 def cmd_dev(args: argparse.Namespace) -> int:
+    from pg_assets.dev.services import DagsterServices, ServicesError
+
     _up(args.reload)
-    _dagster_env()
-    cmd = [str(Path(sys.executable).parent / "dagster"), "dev", "-w", "workspace.yaml"]
-    cmd += ["-h", args.host, "-p", str(args.port)]
-    os.execv(cmd[0], cmd)
+    home = _dagster_home()
+    stop = threading.Event()
+    received: list[int] = []
+
+    def on_signal(signum: int, _frame: object) -> None:
+        received.append(signum)
+        stop.set()
+
+    # Installed explicitly: a shell starts a background job with SIGINT ignored, and the
+    # default SIGTERM would kill this process without stopping the webserver and daemon.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, on_signal)
+    services = DagsterServices(
+        cwd=Path.cwd(), dagster_home=home, workspace=_workspace(home), host=args.host,
+        port=args.port,
+    )  # fmt: skip
+    rc = 0
+    try:
+        services.start_webserver().start_daemon()
+        print(
+            f"Dagster UI: {services.url}  (DAGSTER_HOME={home}; webserver pid "
+            f"{services.webserver.pid}, daemon pid {services.daemon.pid})\n"  # type: ignore[union-attr]
+            f"Stop with Ctrl-C or `kill {os.getpid()}`.",
+            flush=True,
+        )
+        while not stop.wait(1.0):
+            services.check_alive()
+    except ServicesError as e:
+        print(f"error: {e}", file=sys.stderr)
+        rc = 1
+    finally:
+        services.stop()
+    if received:
+        print(f"received {signal.Signals(received[0]).name}: webserver and daemon stopped")
+    print("PostgreSQL keeps running; stop it with: pg-assets stop", flush=True)
+    return rc
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -122,32 +237,35 @@ def cmd_stop(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_check(args: argparse.Namespace) -> int:
-    from pg_assets.catalog import resolve_tables
-    from pg_assets.config import ConfigError, load_config
-
-    try:
-        config = load_config()
-        for r in resolve_tables(config):
-            state = "checked" if r.info else "NOT CHECKED (database unreachable)"
-            print(f"{r.config.table}: first day {r.start}, {state}")
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+COMMANDS: list[tuple[str, Callable[[argparse.Namespace], int], str]] = [
+    (
+        "demo",
+        cmd_demo,
+        "start the embedded PostgreSQL, load the demo tables (through yesterday) and "
+        "materialize the last 7 days of each into ./.pg_assets/bronze",
+    ),
+    ("dev", cmd_dev, "the same server, then the Dagster UI and daemon (stop with Ctrl-C)"),
+    ("up", cmd_up, "start the embedded PostgreSQL (with the demo tables) and leave it running"),
+    ("stop", cmd_stop, "stop the embedded PostgreSQL"),
+    (
+        "check",
+        cmd_check,
+        "validate the config ($PG_ASSETS_CONFIG or the demo) against the live catalog and "
+        "cache first days; exits 1 if it could not check, 2 on a config error",
+    ),
+]
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="pg-assets", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name, fn in [
-        ("demo", cmd_demo),
-        ("dev", cmd_dev),
-        ("up", cmd_up),
-        ("stop", cmd_stop),
-        ("check", cmd_check),
-    ]:
-        p = sub.add_parser(name)
+    parser = argparse.ArgumentParser(
+        prog="pg-assets",
+        description="Land PostgreSQL tables in Bronze with Dagster: quick start and checks.",
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, fn, text in COMMANDS:
+        p = sub.add_parser(name, help=text, description=text)
         p.set_defaults(fn=fn)
         if name in ("demo", "dev", "up"):
             p.add_argument("--reload", action="store_true", help="recreate the demo tables")
@@ -155,8 +273,8 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--start", type=dt.date.fromisoformat, help="first day (YYYY-MM-DD)")
             p.add_argument("--end", type=dt.date.fromisoformat, help="last day (YYYY-MM-DD)")
         if name == "dev":
-            p.add_argument("--host", default="127.0.0.1")
-            p.add_argument("--port", type=int, default=3000)
+            p.add_argument("--host", default="127.0.0.1", help="webserver address")
+            p.add_argument("--port", type=int, default=3000, help="webserver port")
     args = parser.parse_args(argv)
     return args.fn(args)
 

@@ -7,9 +7,16 @@
 Rows are generated server-side with `generate_series`, so loading millions of rows (the
 benchmark) costs seconds. Text columns carry commas, quotes, newlines, non-ASCII, NULLs and
 empty strings, because those are what break hand-rolled CSV.
+
+Volumes vary by day as real ones do (a weekly cycle, slow growth, noise, a Black Friday spike)
+and are distinct from day to day, so a backfill shows each day's own row count. Every row is a
+function of its day alone: reloading the demo with a later end day leaves earlier days' rows
+(and so their Bronze files) unchanged.
 """
 
 import datetime as dt
+import hashlib
+from collections.abc import Mapping, Sequence
 
 import psycopg
 from psycopg import sql
@@ -27,8 +34,8 @@ ORDER_COLUMNS = """
     note        text
 """
 
-ORDER_ROW = """
-    SELECT {id_base} + g,
+ORDER_SELECT = """
+    SELECT {id},
            d::date,
            d::timestamptz + (g % 86400) * interval '1 second',
            ((g::bigint * 7919) % 100000)::int,
@@ -46,8 +53,55 @@ ORDER_ROW = """
              WHEN 4 THEN 'Grüße aus Köln – ☕ 東京'
              ELSE 'plain note ' || g
            END
-    FROM generate_series(1, {rows}) AS g, (SELECT {day}::date AS d) AS day
 """
+ORDER_ROW = ORDER_SELECT.replace("{id}", "{id_base} + g") + (
+    "    FROM generate_series(1, {rows}) AS g, (SELECT {day}::date AS d) AS day\n"
+)
+# Many days in one statement: `v` holds one row per day (its date, row count and id base).
+ORDER_ROWS_BY_DAY = ORDER_SELECT.replace("{id}", "v.base + g") + (
+    "    FROM unnest({days}::date[], {counts}::int[], {bases}::bigint[]) AS v(d, n, base),\n"
+    "         generate_series(1, v.n) AS g\n"
+)
+ID_EPOCH = dt.date(2000, 1, 1)
+
+
+def day_id_base(day: dt.date) -> int:
+    """Ids that depend on the day alone, so a reload never renumbers an earlier day."""
+    return (day - ID_EPOCH).days * 10_000_000
+
+
+def _unit(key: str) -> float:
+    """A stable pseudo-random number in [0, 1) for `key` (no global RNG state)."""
+    digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
+
+
+def _black_friday(year: int) -> dt.date:
+    nov1 = dt.date(year, 11, 1)
+    return nov1 + dt.timedelta(days=(4 - nov1.weekday()) % 7 + 21)
+
+
+WEEKLY = (0.86, 0.93, 0.97, 1.0, 1.08, 1.22, 0.94)  # Monday .. Sunday
+
+
+def daily_volumes(days: Sequence[dt.date], mean: int, salt: str = "orders") -> dict[dt.date, int]:
+    """Rows per day around `mean`: a weekly cycle (Saturday busiest), slow growth (~5 % a
+    year), ±15 % noise and Black Friday at 2.5x. Counts are distinct (a collision moves up by one, earliest day first,
+    so adding days at the end never changes earlier counts)."""
+    out: dict[dt.date, int] = {}
+    used: set[int] = set()
+    for day in sorted(days):
+        factor = WEEKLY[day.weekday()]
+        factor *= 1 + 0.05 * ((day - ID_EPOCH).days / 365.25 - 26)  # 2026 = 1.0
+        factor *= 0.85 + 0.3 * _unit(f"{salt}:{day.isoformat()}")
+        if day == _black_friday(day.year):
+            factor *= 2.5
+        n = max(1, round(mean * factor))
+        while n in used:
+            n += 1
+        used.add(n)
+        out[day] = n
+    return out
 
 
 def insert_orders(
@@ -59,16 +113,32 @@ def insert_orders(
     conn.execute(q)
 
 
+def insert_orders_by_day(
+    conn: psycopg.Connection, table: sql.Composable, volumes: Mapping[dt.date, int]
+) -> None:
+    """Insert `volumes[day]` orders for each day in one statement (ids from `day_id_base`)."""
+    days = sorted(volumes)
+    q = sql.SQL("INSERT INTO {t} " + ORDER_ROWS_BY_DAY).format(
+        t=table,
+        days=sql.Literal(days),
+        counts=sql.Literal([volumes[d] for d in days]),
+        bases=sql.Literal([day_id_base(d) for d in days]),
+    )
+    conn.execute(q)
+
+
 def create_daily_partitioned(
     conn: psycopg.Connection,
     schema: str,
     name: str,
     days: list[dt.date],
-    rows_per_day: int,
+    rows_per_day: int | Mapping[dt.date, int],
     *,
     default_partition: bool = True,
 ) -> None:
-    """A table RANGE-partitioned by day on `order_date`, one child per day in `days`."""
+    """A table RANGE-partitioned by day on `order_date`, one child per day in `days`.
+
+    `rows_per_day` is one count for every day, or a count per day (see `daily_volumes`)."""
     parent = sql.Identifier(schema, name)
     conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
     conn.execute(sql.SQL("DROP TABLE IF EXISTS {} CASCADE").format(parent))
@@ -90,19 +160,53 @@ def create_daily_partitioned(
                 sql.Identifier(schema, f"{name}_default"), parent
             )
         )
-    for i, day in enumerate(days):
-        insert_orders(conn, parent, day, rows_per_day, id_base=i * 10_000_000)
+    if isinstance(rows_per_day, int):
+        for i, day in enumerate(days):
+            insert_orders(conn, parent, day, rows_per_day, id_base=i * 10_000_000)
+    else:
+        insert_orders_by_day(conn, parent, {d: rows_per_day[d] for d in days})
+
+
+DEMO_START = dt.date(2026, 10, 1)
+
+
+def demo_end(today: dt.date | None = None) -> dt.date:
+    """The demo's last day: yesterday, so the daily schedule's next day is the first missing."""
+    return (today or dt.date.today()) - dt.timedelta(days=1)
+
+
+def demo_loaded_through(conn: psycopg.Connection) -> dt.date | None:
+    """The last day of the loaded demo (recorded in a table comment), None when not loaded."""
+    row = conn.execute(
+        "SELECT obj_description(to_regclass('public.orders'), 'pg_class')"
+    ).fetchone()
+    text = row[0] if row else None
+    if not text or not text.startswith("pg_assets demo through "):
+        return None
+    return dt.date.fromisoformat(text.removeprefix("pg_assets demo through "))
 
 
 def load_demo(
-    conn: psycopg.Connection, end: dt.date, days: int = 35, rows_per_day: int = 2000
+    conn: psycopg.Connection,
+    end: dt.date,
+    days: int | None = None,
+    rows_per_day: int = 2000,
 ) -> None:
-    """(Re)create the three demo tables covering the `days` days up to and including `end`."""
-    all_days = [end - dt.timedelta(days=n) for n in range(days - 1, -1, -1)]
-    create_daily_partitioned(conn, "public", "orders", all_days, rows_per_day)
-    # a late order that lands in DEFAULT: a day after the last daily partition
+    """(Re)create the three demo tables with `days` days up to and including `end`
+    (default: from DEMO_START). Orders average `rows_per_day`, events about 1.2x that, new
+    customers a twentieth; each day's count is its own (see `daily_volumes`)."""
+    first = end - dt.timedelta(days=days - 1) if days else min(DEMO_START, end)
+    all_days = [first + dt.timedelta(days=n) for n in range((end - first).days + 1)]
+    orders = daily_volumes(all_days, rows_per_day, "orders")
+    create_daily_partitioned(conn, "public", "orders", all_days, orders)
+    # a late order that lands in DEFAULT: the day after the last daily partition (today)
     insert_orders(
         conn, sql.Identifier("public", "orders"), end + dt.timedelta(days=1), 10, 9_000_000_000
+    )
+    conn.execute(
+        sql.SQL("COMMENT ON TABLE public.orders IS {}").format(
+            sql.Literal(f"pg_assets demo through {end.isoformat()}")
+        )
     )
 
     conn.execute("DROP TABLE IF EXISTS public.events CASCADE")
@@ -112,8 +216,7 @@ def load_demo(
                score double precision, ok boolean, ref uuid
            ) PARTITION BY RANGE (occurred_at)"""
     )
-    first = all_days[0].replace(day=1)
-    month = first
+    month = all_days[0].replace(day=1)
     while month <= end:
         nxt = (month + dt.timedelta(days=32)).replace(day=1)
         conn.execute(
@@ -128,38 +231,41 @@ def load_demo(
             )
         )
         month = nxt
+    # Each Berlin day's events spread evenly over its 23, 24 or 25 hours.
+    events = daily_volumes(all_days, round(rows_per_day * 1.2), "events")
     conn.execute(
         """INSERT INTO public.events
-           SELECT g, %s::timestamptz + g * interval '37 seconds',
+           SELECT v.base + g, lo + (hi - lo) * g / v.n,
                   (ARRAY['click','view','buy'])[1 + g %% 3],
                   jsonb_build_object('path', '/p/' || g %% 500, 'ua', 'Mozilla/5.0 "x"'),
-                  (g %% 1000) / 7.0, g %% 2 = 0, md5(g::text)::uuid
-           FROM generate_series(0, %s) AS g
-           WHERE %s::timestamptz + g * interval '37 seconds' < %s::timestamptz""",
-        (
-            dt.datetime.combine(all_days[0], dt.time(), dt.UTC),
-            days * 86400 // 37,
-            dt.datetime.combine(all_days[0], dt.time(), dt.UTC),
-            dt.datetime.combine(end + dt.timedelta(days=1), dt.time(), dt.UTC),
-        ),
+                  (g %% 1000) / 7.0, g %% 2 = 0, md5((v.base + g)::text)::uuid
+           FROM unnest(%s::date[], %s::int[], %s::bigint[]) AS v(d, n, base),
+                LATERAL (SELECT v.d::timestamp AT TIME ZONE 'Europe/Berlin' AS lo,
+                                (v.d + 1)::timestamp AT TIME ZONE 'Europe/Berlin' AS hi) AS b,
+                generate_series(0, v.n - 1) AS g""",
+        (all_days, [events[d] for d in all_days], [day_id_base(d) for d in all_days]),
     )
 
     conn.execute("DROP TABLE IF EXISTS public.customers CASCADE")
     conn.execute(
         """CREATE TABLE public.customers (
-               customer_id integer PRIMARY KEY, signup_date date NOT NULL, name text,
+               customer_id bigint PRIMARY KEY, signup_date date NOT NULL, name text,
                email text, country char(2), lifetime_value numeric(14,2), prefs jsonb,
-               updated_at timestamptz DEFAULT now()
+               updated_at timestamptz
            )"""
     )
+    signups = daily_volumes(all_days, max(1, rows_per_day // 20), "customers")
     conn.execute(
         """INSERT INTO public.customers (customer_id, signup_date, name, email, country,
-                                         lifetime_value, prefs)
-           SELECT g, %s::date + (g %% %s), 'Customer ' || g || CASE WHEN g %% 9 = 0 THEN ', Jr.' ELSE '' END,
-                  CASE WHEN g %% 13 = 0 THEN NULL ELSE 'c' || g || '@example.com' END,
+                                         lifetime_value, prefs, updated_at)
+           SELECT v.base + g, v.d,
+                  'Customer ' || g || CASE WHEN g %% 9 = 0 THEN ', Jr.' ELSE '' END,
+                  CASE WHEN g %% 13 = 0 THEN NULL ELSE 'c' || (v.base + g) || '@example.com' END,
                   (ARRAY['DE','FR','JP','US'])[1 + g %% 4], (g * 13 %% 100000) / 10.0,
-                  jsonb_build_object('newsletter', g %% 2 = 0)
-           FROM generate_series(1, %s) AS g""",
-        (all_days[0], days, days * 100),
+                  jsonb_build_object('newsletter', g %% 2 = 0),
+                  (v.d + interval '36 hours' + g * interval '1 minute') AT TIME ZONE 'UTC'
+           FROM unnest(%s::date[], %s::int[], %s::bigint[]) AS v(d, n, base),
+                generate_series(1, v.n) AS g""",
+        (all_days, [signups[d] for d in all_days], [day_id_base(d) // 1000 for d in all_days]),
     )
     conn.execute("ANALYZE")
