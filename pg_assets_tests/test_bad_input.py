@@ -8,6 +8,7 @@ import psycopg
 import pytest
 from dagster import DagsterInvariantViolationError, DagsterUnknownPartitionError
 
+from pg_assets.catalog import check_tables
 from pg_assets.config import ConfigError
 from pg_assets.core.identifiers import QualifiedName
 from pg_assets.core.layout import daily_paths
@@ -139,12 +140,18 @@ def test_unknown_top_level_key_and_bad_codec(tmp_path):
         ),
     ],
 )
-def test_catalog_errors_at_load(odd, project, db, entry, key, fragment):
+def test_catalog_errors_in_check_and_at_materialization(odd, project, db, entry, key, fragment):
+    """Loading reads no catalog; `pg-assets check` and every run do, with the same message."""
+    p = project([{**entry, "start": "2026-10-01"}])
     with pytest.raises(ConfigError) as err:
-        project([{**entry, "start": "2026-10-01"}])
+        check_tables(p.config)
     message = str(err.value)
     assert "pg_assets.yaml" in message and entry["table"] in message
     assert f"key '{key}'" in message and fragment in message
+    result = p.materialize("2026-10-02")
+    assert not result.success
+    (failure,) = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+    assert fragment in failure.step_failure_data.error.message
     assert db.execute("SELECT to_regclass('public.victim')").fetchone()[0] is not None
 
 
@@ -155,11 +162,16 @@ def test_partition_before_first_day_is_rejected(odd, project):
     assert "2026-09-30" in str(err.value)
 
 
-def test_start_required_when_nothing_to_derive_it_from(odd, project):
+def test_start_required_when_nothing_to_derive_it_from(odd, project, tmp_path):
+    with pytest.raises(ConfigError, match="key 'start': not set, and no first day is cached"):
+        project([{"table": "public.victim", "partition_column": "d"}])
+    config = write_config(
+        tmp_path / "pg_assets.yaml", [{"table": "public.victim", "partition_column": "d"}]
+    )
     with pytest.raises(
         ConfigError, match="key 'start': not set and public.victim has no partition bounds"
     ):
-        project([{"table": "public.victim", "partition_column": "d"}])
+        check_tables(config)
 
 
 def test_unreachable_database_at_load(project, monkeypatch):

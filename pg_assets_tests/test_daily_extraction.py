@@ -10,12 +10,13 @@ import psycopg
 import pytest
 from psycopg import sql
 
+from pg_assets.catalog import check_tables
 from pg_assets.core.compression import get_codec
 from pg_assets.core.identifiers import QualifiedName
 from pg_assets.core.layout import daily_paths
 from pg_assets.dev.demo_data import ORDER_COLUMNS, create_daily_partitioned, insert_orders
 from pg_assets.sinks.local import LocalSink
-from pg_assets_tests.conftest import day_query, postgres_copy
+from pg_assets_tests.conftest import day_query, postgres_copy, write_config
 
 D = dt.date(2026, 10, 24)
 DAYS = [D + dt.timedelta(days=n) for n in range(4)]
@@ -165,7 +166,13 @@ def test_partition_matches_postgres_copy(
         assert count == 25 * 60  # the DST day has 25 hours in Berlin
 
 
-def test_first_day_defaults_to_lowest_partition_bound(tables, project):
+def test_first_day_defaults_to_lowest_partition_bound(tables, project, tmp_path):
+    """`pg-assets check` reads the lowest bound once and caches it; loading reads the cache."""
+    config = write_config(
+        tmp_path / "pg_assets.yaml", [{"table": "plan.daily", "partition_column": "order_date"}]
+    )
+    (checked,) = check_tables(config)
+    assert checked.start == DAYS[0]
     p = project([{"table": "plan.daily", "partition_column": "order_date"}])
     assert p.asset().partitions_def.start.date() == DAYS[0]
 

@@ -1,95 +1,88 @@
-"""The Dagster webserver, as a user meets it: the code location loads from workspace.yaml,
-lists one partitioned asset per demo table, and a materialized day shows its metadata.
-Queried over the webserver's GraphQL API (what the UI itself calls), and, where Debian's
-chromium is installed (.ci/run installs it), rendered in a headless browser."""
+"""The Dagster webserver and daemon, as a user meets them: the code location loads from
+workspace.yaml, lists one partitioned asset per demo table, a day materialized from the UI
+goes through the daemon's run queue and shows its own metadata. Queried over the webserver's
+GraphQL API (what the UI itself calls) and, where Debian's chromium is installed (.ci/run
+installs it), clicked through in a headless browser."""
 
-import os
-import shutil
-import socket
-import subprocess
-import sys
+import datetime as dt
 import time
-from pathlib import Path
 
 import psycopg
 import pytest
-import requests
 import yaml
-from dagster import DagsterInstance
+from psycopg import sql
 
-from pg_assets.build import build_definitions
-from pg_assets.config import DEMO_CONFIG, load_config
-from pg_assets.dev.cli import DEMO_DAYS, DEMO_END
+from pg_assets.config import DEMO_CONFIG
 from pg_assets.dev.demo_data import load_demo
+from pg_assets_tests.browser import CHROMIUM, Browser
+from pg_assets_tests.conftest import day_query
+from pg_assets_tests.dagster_dev import dagster_services, graphql
 
-ROOT = Path(__file__).resolve().parent.parent
+END = dt.date(2026, 11, 4)
 DAY = "2026-11-03"
+TABLES = {
+    "orders": ("order_date", "date", "UTC"),
+    "events": ("occurred_at", "timestamptz", "Europe/Berlin"),
+    "customers": ("signup_date", "date", "UTC"),
+}
+
+LAUNCH_RUN = """
+mutation ($params: ExecutionParams!) {
+  launchRun(executionParams: $params) {
+    __typename
+    ... on LaunchRunSuccess { run { runId status } }
+    ... on PythonError { message }
+  }
+}"""
+
+RUN = """
+query ($id: ID!) {
+  runOrError(runId: $id) {
+    ... on Run { status eventConnection(afterCursor: null) { events { __typename } } }
+  }
+}"""
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def launch_asset_run(url: str, table: str, day: str) -> str:
+    """What the UI's "Materialize" sends for one partition of one asset."""
+    params = {
+        "selector": {
+            "repositoryLocationName": "pg_assets",
+            "repositoryName": "__repository__",
+            "jobName": "__ASSET_JOB",
+            "assetSelection": [{"path": ["demo", "public", table]}],
+        },
+        "mode": "default",
+        "executionMetadata": {"tags": [{"key": "dagster/partition", "value": day}]},
+    }
+    out = graphql(url, LAUNCH_RUN, params=params)["launchRun"]
+    assert out["__typename"] == "LaunchRunSuccess", out
+    return out["run"]["runId"]
 
 
 @pytest.fixture(scope="module")
 def webserver(pg_conninfo: str, tmp_path_factory: pytest.TempPathFactory):
     with psycopg.connect(pg_conninfo, autocommit=True) as c, c.transaction():
-        load_demo(c, DEMO_END, DEMO_DAYS, rows_per_day=200)
+        load_demo(c, END, rows_per_day=200)
     home = tmp_path_factory.mktemp("dagster_home")
-    shutil.copy(ROOT / "dagster.yaml", home / "dagster.yaml")
     config = yaml.safe_load(DEMO_CONFIG.read_text())
     config["bronze"]["root"] = str(home / "bronze")
-    (home / "pg_assets.yaml").write_text(yaml.safe_dump(config))
-    env = {
-        **os.environ,
-        "DAGSTER_HOME": str(home),
-        "PG_ASSETS_CONFIG": str(home / "pg_assets.yaml"),
-    }
-
-    # materialize one day of each table into the same instance the webserver reads
-    # (dagster.yaml's storage paths are relative to the working directory, as in the README)
-    os.environ.update(env)
-    cwd = os.getcwd()
-    os.chdir(home)
-    try:
-        defs = build_definitions(load_config())
-        instance = DagsterInstance.get()
-        for schedule in defs.schedules or []:
-            job = defs.resolve_job_def(schedule.job_name)
-            assert job.execute_in_process(partition_key=DAY, instance=instance).success
-    finally:
-        os.chdir(cwd)
-        for k in ("DAGSTER_HOME", "PG_ASSETS_CONFIG"):
-            os.environ.pop(k, None)
-
-    port = _free_port()
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "dagster-webserver"), "-w", str(ROOT / "workspace.yaml"),
-         "-h", "127.0.0.1", "-p", str(port)],
-        cwd=home, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            if requests.get(f"{url}/server_info", timeout=2).ok:
-                break
-        except requests.ConnectionError:
-            pass
-        assert time.monotonic() < deadline and proc.poll() is None, "webserver did not start"
-        time.sleep(0.5)
-    yield url
-    proc.terminate()
-    proc.wait(30)
-
-
-def graphql(url: str, query: str, **variables: object) -> dict:
-    r = requests.post(f"{url}/graphql", json={"query": query, "variables": variables}, timeout=60)
-    r.raise_for_status()
-    body = r.json()
-    assert "errors" not in body, body
-    return body["data"]
+    with dagster_services(home, config, conninfo=pg_conninfo) as services:
+        runs = {t: launch_asset_run(services.url, t, DAY) for t in TABLES}
+        deadline = time.monotonic() + 240
+        for table, run_id in runs.items():
+            while True:
+                services.check_alive()
+                run = graphql(services.url, RUN, id=run_id)["runOrError"]
+                if run["status"] in ("SUCCESS", "FAILURE", "CANCELED"):
+                    break
+                assert time.monotonic() < deadline, f"run of {table} still {run['status']}"
+                time.sleep(0.5)
+            assert run["status"] == "SUCCESS", (table, run)
+            types = {e["__typename"] for e in run["eventConnection"]["events"]}
+            # queued by the webserver, taken off the queue and launched by the daemon
+            assert {"RunEnqueuedEvent", "RunStartingEvent", "RunStartEvent"} <= types
+        yield services.url
 
 
 def test_ui_lists_one_partitioned_asset_per_demo_table(webserver):
@@ -98,48 +91,65 @@ def test_ui_lists_one_partitioned_asset_per_demo_table(webserver):
         "{ assetNodes { assetKey { path } groupName isPartitioned partitionKeys } }",
     )
     nodes = {"/".join(n["assetKey"]["path"]): n for n in data["assetNodes"]}
-    assert set(nodes) == {"demo/public/orders", "demo/public/events", "demo/public/customers"}
+    assert set(nodes) == {f"demo/public/{t}" for t in TABLES}
     for node in nodes.values():
         assert node["isPartitioned"] and node["groupName"] == "demo"
         assert DAY in node["partitionKeys"]
 
 
-def test_materialized_day_shows_its_metadata(webserver):
-    data = graphql(
-        webserver,
-        """query ($day: String!) {
-            assetOrError(assetKey: {path: ["demo", "public", "orders"]}) {
-              ... on Asset { assetMaterializations(partitions: [$day]) {
-                  partition metadataEntries { label
-                    ... on IntMetadataEntry { intValue }
-                    ... on TextMetadataEntry { text }
-                    ... on PathMetadataEntry { path } } } } } }""",
-        day=DAY,
-    )
+METADATA = """
+query ($key: [String!]!, $day: String!) {
+  assetOrError(assetKey: {path: $key}) {
+    ... on Asset { assetMaterializations(partitions: [$day]) {
+        partition metadataEntries { label
+          ... on IntMetadataEntry { intValue }
+          ... on TextMetadataEntry { text }
+          ... on PathMetadataEntry { path } } } } } }"""
+
+
+@pytest.mark.parametrize("table", list(TABLES))
+def test_materialized_day_shows_its_metadata(webserver, db, table):
+    data = graphql(webserver, METADATA, key=["demo", "public", table], day=DAY)
     (mat,) = data["assetOrError"]["assetMaterializations"]
     meta = {
         e["label"]: e.get("intValue") or e.get("text") or e.get("path")
         for e in mat["metadataEntries"]
     }
+    column, kind, tz = TABLES[table]
+    query = day_query(sql.Identifier("public", table), column, dt.date.fromisoformat(DAY), kind, tz)
+    (count,) = db.execute(sql.SQL("SELECT count(*) FROM ({}) q").format(query)).fetchone()
     assert mat["partition"] == DAY
-    assert meta["rows"] == 200 and meta["dagster/partition_row_count"] == 200
-    assert (
-        meta["strategy"] == "exact_child" and meta["source_relation"] == "public.orders_2026_11_03"
-    )
-    assert meta["uri"].endswith("orders-2026-11-03.csv.gz")
-    for key in ("raw_bytes", "compressed_bytes", "compression_ratio", "mb_per_s", "snapshot_lsn"):
+    assert meta["rows"] == meta["dagster/partition_row_count"] == count > 0
+    assert f"/date={DAY}/" in meta["uri"] and meta["uri"].endswith(".csv.gz")
+    for key in ("raw_bytes", "compressed_bytes", "compression_ratio", "mb_per_s", "sha256"):
         assert key in meta
+    if table == "orders":
+        assert (meta["strategy"], meta["source_relation"]) == (
+            "exact_child",
+            "public.orders_2026_11_03",
+        )
 
 
-@pytest.mark.skipif(not shutil.which("chromium"), reason="Debian's chromium is not installed")
-def test_browser_renders_the_asset_catalog(webserver, tmp_path):
-    out = subprocess.run(
-        ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-         "--no-first-run", "--disable-background-networking", "--disable-component-update",
-         "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}",
-         "--virtual-time-budget=20000", "--dump-dom", f"{webserver}/assets/demo/public"],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    dom = out.stdout
-    for table in ("orders", "events", "customers"):
-        assert table in dom, f"{table} not rendered"
+@pytest.mark.skipif(not CHROMIUM, reason="Debian's chromium is not installed")
+def test_browser_shows_the_catalog_behind_the_first_visit_dialog(webserver, tmp_path):
+    browser = Browser(tmp_path / "profile")
+    try:
+        browser.goto(f"{webserver}/assets/demo/public")
+        # a first visit opens Dagster's community dialog over the page; a user skips it
+        browser.wait_text("Join the Dagster community")
+        assert browser.click_button("Skip")
+        deadline = time.monotonic() + 30
+        while "Join the Dagster community" in browser.text():
+            assert time.monotonic() < deadline, "the dialog did not close"
+            time.sleep(0.25)
+        text = browser.wait_text("orders", "events", "customers", "demo")
+        assert "Daily extract of PostgreSQL table public.orders" in text
+        browser.screenshot(tmp_path / "catalog.png")
+        # the materialized day, on the orders asset's partitions view
+        browser.goto(f"{webserver}/assets/demo/public/orders?view=partitions&partition={DAY}")
+        text = browser.wait_text(DAY, "public.orders_2026_11_03", "exact_child")
+        assert "Join the Dagster community" not in text  # skipping is remembered
+        browser.screenshot(tmp_path / "partition.png")
+    finally:
+        browser.close()
+    print(f"screenshots: {tmp_path}/catalog.png {tmp_path}/partition.png")

@@ -22,6 +22,7 @@ cannot open more connections than the instance allows for that database.
 
 import datetime as dt
 import re
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, NoReturn
@@ -34,6 +35,7 @@ from dagster import (
     AssetMaterialization,
     AssetsDefinition,
     BackfillPolicy,
+    BetaWarning,
     DagsterEventType,
     DailyPartitionsDefinition,
     Failure,
@@ -177,7 +179,6 @@ def build_daily_asset(project: ProjectConfig, resolved: ResolvedTable) -> Assets
     table = resolved.config
     qname = table.name
     key = asset_key(project.source, resolved)
-    retries = project.postgres.retries
     code_version = table.fingerprint(project.bronze)
     partitions = DailyPartitionsDefinition(
         start_date=resolved.start.isoformat(), timezone=table.timezone
@@ -189,6 +190,24 @@ def build_daily_asset(project: ProjectConfig, resolved: ResolvedTable) -> Assets
         "first_day": MetadataValue.text(f"{resolved.start} (from {resolved.start_from})"),
         "config_file": MetadataValue.path(str(project.path)),
     }
+
+    with warnings.catch_warnings():
+        # backfill_policy is marked beta; said once here rather than in every process's log
+        warnings.simplefilter("ignore", BetaWarning)
+        return _define(project, table, key, resolved, partitions, static_metadata, code_version)
+
+
+def _define(
+    project: ProjectConfig,
+    table: TableConfig,
+    key: AssetKey,
+    resolved: ResolvedTable,
+    partitions: DailyPartitionsDefinition,
+    static_metadata: dict[str, object],
+    code_version: str,
+) -> AssetsDefinition:
+    qname = table.name
+    retries = project.postgres.retries
 
     @asset(
         key=key,

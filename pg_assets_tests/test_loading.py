@@ -1,0 +1,187 @@
+"""The code location loads without the database; `pg-assets check` is where the catalog is
+read, and a check that could not check never exits 0.
+
+Loading is what the webserver, the daemon and every run process do first, so it must neither
+need PostgreSQL nor pay for it: a 200-table config is imported in a fresh interpreter with its
+conninfo pointing at a loopback listener that counts connection attempts (it must see none).
+"""
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+import yaml
+
+from pg_assets.catalog import CACHE_FILE, UncheckableError, check_tables
+from pg_assets.config import load_config
+
+PG_ASSETS = str(Path(sys.executable).parent / "pg-assets")
+
+
+class CountingListener:
+    """A TCP port on loopback that accepts and counts connections (and answers nothing)."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
+        self.accepted = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.accepted += 1
+            conn.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.sock.close()
+
+
+@pytest.fixture
+def listener() -> Iterator[CountingListener]:
+    server = CountingListener()
+    yield server
+    server.close()
+
+
+def config_file(path: Path, n: int, *, start: bool = True, **table: str) -> Path:
+    tables = [
+        {"table": f"public.t{i:03d}", "partition_column": "d", **table}
+        | ({"start": "2025-01-01"} if start else {})
+        for i in range(n)
+    ]
+    doc = {"source": "load", "bronze": {"root": str(path.parent / "bronze")}, "tables": tables}
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def import_definitions(config: Path, conninfo: str, **env: str) -> subprocess.CompletedProcess:
+    code = "import pg_assets.definitions as d; print(len(d.defs.assets))"
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, "PG_ASSETS_CONFIG": str(config), "PG_ASSETS_CONNINFO": conninfo, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_200_tables_load_with_the_database_unreachable(tmp_path, listener):
+    config = config_file(tmp_path / "big.yaml", 200)
+    out = import_definitions(
+        config, f"host=127.0.0.1 port={listener.port} user=x password=s3cret connect_timeout=2"
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "200"
+    assert listener.accepted == 0, "loading the definitions connected to PostgreSQL"
+
+
+def test_missing_start_without_cache_says_what_to_do(tmp_path, listener):
+    config = config_file(tmp_path / "nostart.yaml", 2, start=False)
+    out = import_definitions(config, f"host=127.0.0.1 port={listener.port} user=x")
+    assert out.returncode != 0
+    assert "table 'public.t000': key 'start': not set" in out.stderr
+    assert "run `pg-assets check`" in out.stderr
+    assert listener.accepted == 0
+
+
+@pytest.fixture
+def checkable(db: psycopg.Connection) -> None:
+    db.execute("DROP SCHEMA IF EXISTS loadcheck CASCADE")
+    db.execute("CREATE SCHEMA loadcheck")
+    db.execute("CREATE TABLE loadcheck.t (id int, d date) PARTITION BY RANGE (d)")
+    db.execute(
+        "CREATE TABLE loadcheck.t_2025_03 PARTITION OF loadcheck.t "
+        "FOR VALUES FROM ('2025-03-01') TO ('2025-04-01')"
+    )
+
+
+def cli(args: list[str], config: Path, cwd: Path, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [PG_ASSETS, *args],
+        cwd=cwd,
+        env={**os.environ, "PG_ASSETS_CONFIG": str(config), **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_check_caches_the_first_day_and_loading_uses_it(checkable, tmp_path, pg_conninfo):
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "source": "lc",
+                "bronze": {"root": str(tmp_path / "bronze")},
+                "tables": [{"table": "loadcheck.t", "partition_column": "d"}],
+            }
+        )
+    )
+    assert import_definitions(config, pg_conninfo).returncode != 0  # nothing cached yet
+    out = cli(["check"], config, tmp_path, PG_ASSETS_CONNINFO=pg_conninfo)
+    assert out.returncode == 0, out.stderr
+    assert "loadcheck.t: ok" in out.stdout and "first day 2025-03-01" in out.stdout
+    cache = tmp_path / ".pg_assets" / CACHE_FILE
+    assert cache.exists()
+    # now the location loads, from the cache, with the database gone
+    loaded = import_definitions(config, "host=127.0.0.1 port=1 user=x connect_timeout=1")
+    assert loaded.returncode == 0, loaded.stderr
+    code = (
+        "import pg_assets.definitions as d; "
+        "print(next(iter(d.defs.assets)).partitions_def.start.date())"
+    )
+    start = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, "PG_ASSETS_CONFIG": str(config), "PG_ASSETS_CONNINFO": "x"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert start.stdout.strip().splitlines()[-1] == "2025-03-01", start.stderr
+
+
+def test_check_fails_when_it_cannot_check(checkable, tmp_path, pg_conninfo, listener, monkeypatch):
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "source": "lc",
+                "bronze": {"root": str(tmp_path / "bronze")},
+                "tables": [
+                    {"table": "loadcheck.t", "partition_column": "dd", "start": "2025-03-01"}
+                ],
+            }
+        )
+    )
+    # a misspelled column: a config error, exit 2, naming file, table and key
+    out = cli(["check"], config, tmp_path, PG_ASSETS_CONNINFO=pg_conninfo)
+    assert out.returncode == 2, out
+    assert f"{config}: table 'loadcheck.t': key 'partition_column'" in out.stderr
+    assert "no column 'dd'" in out.stderr
+    # an unreachable database: could not check, exit 1, the secret not printed
+    down = "host=127.0.0.1 port=1 user=x password=s3cret connect_timeout=2"
+    out = cli(["check"], config, tmp_path, PG_ASSETS_CONNINFO=down)
+    assert out.returncode == 1, out
+    assert "could not check" in out.stderr and "s3cret" not in out.stderr + out.stdout
+    monkeypatch.setenv("PG_ASSETS_CONNINFO", f"host=127.0.0.1 port={listener.port} user=x")
+    with pytest.raises(UncheckableError, match="PostgreSQL is unreachable"):
+        check_tables(load_config(config))
