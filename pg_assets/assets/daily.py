@@ -159,7 +159,7 @@ def day_metadata(result: ExtractResult, info: TableInfo) -> dict[str, Any]:
 def materialized_in_this_run(context: AssetExecutionContext, key: AssetKey) -> set[str]:
     """Days of `key` this run has already recorded (by an earlier try of this step)."""
     conn = context.instance.get_records_for_run(
-        context.run_id, of_type=DagsterEventType.ASSET_MATERIALIZATION, limit=100_000
+        context.run.run_id, of_type=DagsterEventType.ASSET_MATERIALIZATION, limit=100_000
     )
     done = set()
     for record in conn.records:
@@ -255,7 +255,7 @@ def _define(
             sink=sink,
             codec=bronze.get_codec(),
             level=bronze.get_level(),
-            run_id=context.run_id,
+            run_id=context.run.run_id,
             block_size=bronze.block_size,
         )
         failed: dict[dt.date, BaseException] = {}
