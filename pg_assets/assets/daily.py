@@ -72,9 +72,9 @@ def safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_]", "_", text)
 
 
-def asset_key(source: str, resolved: ResolvedTable) -> AssetKey:
-    name = resolved.config.name
-    return AssetKey([source, safe_name(name.schema), safe_name(name.name)])
+def asset_key(source: str, resolved: ResolvedTable | TableConfig) -> AssetKey:
+    table = resolved.config if isinstance(resolved, ResolvedTable) else resolved
+    return AssetKey([source, safe_name(table.name.schema), safe_name(table.name.name)])
 
 
 def pool_name(source: str) -> str:
@@ -175,6 +175,16 @@ def _cause(error: BaseException) -> str:
     return text or f"{type(error).__name__}: {error}"
 
 
+def _days(days: list[dt.date]) -> str:
+    """`2026-10-03`, `2026-10-01 ... 2026-10-30 (30 days)` or a short list."""
+    if len(days) == 1:
+        return days[0].isoformat()
+    if (days[-1] - days[0]).days == len(days) - 1:
+        return f"{days[0]} ... {days[-1]} ({len(days)} days)"
+    shown = ", ".join(d.isoformat() for d in days[:10])
+    return shown + (f" and {len(days) - 10} more" if len(days) > 10 else "")
+
+
 def build_daily_asset(project: ProjectConfig, resolved: ResolvedTable) -> AssetsDefinition:
     table = resolved.config
     qname = table.name
@@ -247,7 +257,7 @@ def _define(
         except CatalogError as e:
             raise Failure(f"{where}: {e} (config key {e.key!r})") from None
         except TRANSIENT as e:
-            _retry_or_fail(context, retries, where, {d: e for d in days})
+            _retry_or_fail(context, retries, f"table {qname}", span, {d: e for d in days})
         job = DayJob(
             source=project.source,
             table=table,
@@ -293,7 +303,7 @@ def _define(
                 },
             )
         if failed:
-            _retry_or_fail(context, retries, where, failed)
+            _retry_or_fail(context, retries, f"table {qname}", span, failed)
 
     return _daily
 
@@ -301,11 +311,13 @@ def _define(
 def _retry_or_fail(
     context: AssetExecutionContext,
     retries: int,
-    where: str,
+    table: str,
+    span: str,
     failed: dict[dt.date, BaseException],
 ) -> NoReturn:
     """End the step: another try when a connection was lost and tries remain (the retry
     redoes only the days not materialized), else a failure naming every failed day."""
+    where = f"{table}, partition {span}"
     lost = [d for d, e in failed.items() if is_retryable(e)]
     if lost and context.retry_number < retries:
         wait = min(30, 2**context.retry_number)  # 1 s, 2 s, 4 s … capped at 30 s
@@ -314,13 +326,15 @@ def _retry_or_fail(
             f"{len(failed)} day(s) in {wait} s (try {context.retry_number + 2} of {retries + 1})"
         )
         raise RetryRequested(max_retries=retries, seconds_to_wait=wait) from failed[lost[0]]
-    lines = [f"{d}: {_cause(e)}" for d, e in sorted(failed.items())]
+    by_cause: dict[str, list[dt.date]] = {}
+    for day, error in sorted(failed.items()):
+        by_cause.setdefault(_cause(error), []).append(day)
     if len(failed) == 1:
         ((day, error),) = failed.items()
         text = _cause(error)
-        table = where.split(", partition")[0]
         summary = text if day.isoformat() in text else f"{table}, partition {day}: {text}"
     else:
+        lines = [f"{_days(days)}: {cause}" for cause, days in by_cause.items()]
         summary = f"{where}: {len(failed)} day(s) failed:\n" + "\n".join(lines)
     if lost and retries:
         summary += f"\n(after {retries} retries of the lost connection)"

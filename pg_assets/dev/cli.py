@@ -119,41 +119,73 @@ def cmd_demo(args: argparse.Namespace) -> int:
     _up(args.reload)
     if (rc := _check(quiet=True)) != 0:
         return rc
+    from pg_assets.dev.demo_data import demo_end
+
+    end = args.end or demo_end()
+    return _materialize(args.start or end - dt.timedelta(days=6), end, tables=None, demo=True)
+
+
+def cmd_backfill(args: argparse.Namespace) -> int:
+    if args.end < args.start:
+        print(f"error: --end {args.end} is before --start {args.start}", file=sys.stderr)
+        return 2
+    return _materialize(args.start, args.end, tables=args.table or None, demo=False)
+
+
+def _materialize(start: dt.date, end: dt.date, *, tables: list[str] | None, demo: bool) -> int:
+    """Days start..end of each table, in ranged runs of at most max_partitions_per_run days
+    (what a backfill's runs do), in this process, recorded in the instance the UI reads."""
     _dagster_home()
     from dagster import DagsterInstance
 
+    from pg_assets.assets.daily import asset_key
     from pg_assets.build import build_definitions
-    from pg_assets.config import load_config
-    from pg_assets.dev.demo_data import demo_end
+    from pg_assets.config import ConfigError, load_config
+    from pg_assets.core.identifiers import parse_qualified_name
 
-    config = load_config()
-    defs = build_definitions(config)
+    try:
+        config = load_config()
+        defs = build_definitions(config)
+        wanted = {parse_qualified_name(t) for t in tables} if tables else None
+    except (ConfigError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    by_table = {t.name: t for t in config.tables}
+    if wanted is not None and (unknown := wanted - set(by_table)):
+        print(f"error: not in {config.path}: {', '.join(map(str, unknown))}", file=sys.stderr)
+        return 2
     instance = DagsterInstance.get()
-    end = args.end or demo_end()
-    start = args.start or end - dt.timedelta(days=6)
     days = [start + dt.timedelta(days=n) for n in range((end - start).days + 1)]
-    print(f"materializing {len(days)} days × {len(config.tables)} tables into {config.bronze.root}")
+    selected = [t for t in config.tables if wanted is None or t.name in wanted]
+    print(f"materializing {len(days)} days × {len(selected)} tables into {config.bronze.root}")
     print(
         f"{'asset':<28} {'day':<11} {'rows':>8} {'raw MB':>8} {'gz MB':>7} {'ratio':>6} {'MB/s':>7}  relation"
     )
     failed = 0
-    for asset_def in defs.assets or []:
-        # One ranged run per table, as a backfill runs it: each day is still its own
-        # extraction, file, manifest and materialization.
-        result = ranged_run(defs, instance, asset_def.key, days[0], days[-1])  # type: ignore[union-attr]
-        if not result.success:
-            failed += 1
-            print(f"FAILED {asset_def.key.to_user_string()}: see the run in the UI")  # type: ignore[union-attr]
-        for mat in result.get_asset_materialization_events():
-            m = mat.materialization.metadata
-            print(
-                f"{mat.asset_key.to_user_string():<28} {mat.partition:<11} "
-                f"{m['rows'].value:>8} {m['raw_bytes'].value / 1e6:>8.2f} "
-                f"{m['compressed_bytes'].value / 1e6:>7.2f} {m['compression_ratio'].value:>6.1f} "
-                f"{m['mb_per_s'].value:>7.1f}  {m['source_relation'].value} ({m['strategy'].value})"
-            )
-    print(f"\nBronze: {config.bronze.root}\nOpen the UI with: .venv/bin/pg-assets dev")
-    print("PostgreSQL keeps running; stop it with: .venv/bin/pg-assets stop")
+    for table in selected:
+        key = asset_key(config.source, table)
+        per_run = config.max_partitions_per_run(table)
+        for i in range(0, len(days), per_run):
+            chunk = days[i : i + per_run]
+            result = ranged_run(defs, instance, key, chunk[0], chunk[-1])
+            if not result.success:
+                failed += 1
+                for event in result.all_events:
+                    if event.event_type_value == "STEP_FAILURE":
+                        print(f"FAILED {event.step_failure_data.error.message.strip()}")
+            for mat in result.get_asset_materialization_events():
+                m = mat.materialization.metadata
+                print(
+                    f"{mat.asset_key.to_user_string():<28} {mat.partition:<11} "
+                    f"{m['rows'].value:>8} {m['raw_bytes'].value / 1e6:>8.2f} "
+                    f"{m['compressed_bytes'].value / 1e6:>7.2f} "
+                    f"{m['compression_ratio'].value:>6.1f} {m['mb_per_s'].value:>7.1f}  "
+                    f"{m['source_relation'].value} ({m['strategy'].value})"
+                )
+    print(f"\nBronze: {config.bronze.root}")
+    if demo:
+        print("Open the UI with: .venv/bin/pg-assets dev")
+        print("PostgreSQL keeps running; stop it with: .venv/bin/pg-assets stop")
     return 1 if failed else 0
 
 
@@ -245,6 +277,12 @@ COMMANDS: list[tuple[str, Callable[[argparse.Namespace], int], str]] = [
         "materialize the last 7 days of each into ./.pg_assets/bronze",
     ),
     ("dev", cmd_dev, "the same server, then the Dagster UI and daemon (stop with Ctrl-C)"),
+    (
+        "backfill",
+        cmd_backfill,
+        "materialize days --start..--end of every table (or --table T) in ranged runs of "
+        "max_partitions_per_run days, in this process (no daemon needed)",
+    ),
     ("up", cmd_up, "start the embedded PostgreSQL (with the demo tables) and leave it running"),
     ("stop", cmd_stop, "stop the embedded PostgreSQL"),
     (
@@ -272,6 +310,10 @@ def main(argv: list[str] | None = None) -> int:
         if name == "demo":
             p.add_argument("--start", type=dt.date.fromisoformat, help="first day (YYYY-MM-DD)")
             p.add_argument("--end", type=dt.date.fromisoformat, help="last day (YYYY-MM-DD)")
+        if name == "backfill":
+            p.add_argument("--start", type=dt.date.fromisoformat, required=True, help="first day")
+            p.add_argument("--end", type=dt.date.fromisoformat, required=True, help="last day")
+            p.add_argument("--table", action="append", help="schema.table (repeatable)")
         if name == "dev":
             p.add_argument("--host", default="127.0.0.1", help="webserver address")
             p.add_argument("--port", type=int, default=3000, help="webserver port")

@@ -84,10 +84,13 @@ def _black_friday(year: int) -> dt.date:
 WEEKLY = (0.86, 0.93, 0.97, 1.0, 1.08, 1.22, 0.94)  # Monday .. Sunday
 
 
-def daily_volumes(days: Sequence[dt.date], mean: int, salt: str = "orders") -> dict[dt.date, int]:
+def daily_volumes(
+    days: Sequence[dt.date], mean: int, salt: str = "orders", *, distinct: bool = True
+) -> dict[dt.date, int]:
     """Rows per day around `mean`: a weekly cycle (Saturday busiest), slow growth (~5 % a
-    year), ±15 % noise and Black Friday at 2.5x. Counts are distinct (a collision moves up by one, earliest day first,
-    so adding days at the end never changes earlier counts)."""
+    year), ±15 % noise and Black Friday at 2.5x. With `distinct`, no two days share a count
+    (a collision moves up by one, earliest day first, so adding days at the end never changes
+    earlier counts): for small means, leave it off or the counts turn into a ramp."""
     out: dict[dt.date, int] = {}
     used: set[int] = set()
     for day in sorted(days):
@@ -97,7 +100,7 @@ def daily_volumes(days: Sequence[dt.date], mean: int, salt: str = "orders") -> d
         if day == _black_friday(day.year):
             factor *= 2.5
         n = max(1, round(mean * factor))
-        while n in used:
+        while distinct and n in used:
             n += 1
         used.add(n)
         out[day] = n
@@ -254,7 +257,7 @@ def load_demo(
                updated_at timestamptz
            )"""
     )
-    signups = daily_volumes(all_days, max(1, rows_per_day // 20), "customers")
+    signups = daily_volumes(all_days, max(1, rows_per_day // 20), "customers", distinct=False)
     conn.execute(
         """INSERT INTO public.customers (customer_id, signup_date, name, email, country,
                                          lifetime_value, prefs, updated_at)
