@@ -13,11 +13,15 @@ import datetime as dt
 import gzip
 import hashlib
 import json
+import threading
+import time
 
 import psycopg
 import pytest
+from dagster import materialize
 from psycopg import sql
 
+from pg_assets.build import build_resources
 from pg_assets.core.identifiers import QualifiedName
 from pg_assets.core.layout import daily_paths
 from pg_assets.dev.demo_data import create_daily_partitioned, daily_volumes
@@ -161,3 +165,64 @@ def test_a_failing_day_fails_alone(backfill):
     folder = daily_paths("bf", QualifiedName("bf", "orders"), BAD_DAY, ".gz").folder
     assert sink.list_files(folder) == []
     assert sink.list_files("_staging") == []
+
+
+RETRY_DAYS = [dt.date(2026, 9, 1) + dt.timedelta(days=n) for n in range(4)]
+
+
+def kill_copy_of(conninfo: str, relation: str, killed: list[int], timeout: float = 60) -> None:
+    """Terminate the backend running a COPY of `relation`, well inside the stream."""
+    deadline = time.monotonic() + timeout
+    with psycopg.connect(conninfo, autocommit=True) as c:
+        while time.monotonic() < deadline:
+            row = c.execute(
+                "SELECT pid FROM pg_stat_activity WHERE application_name = 'pg_assets' "
+                "AND state = 'active' AND query LIKE 'COPY %%' AND strpos(query, %s) > 0",
+                (relation,),
+            ).fetchone()
+            if row:
+                time.sleep(0.2)
+                c.execute("SELECT pg_terminate_backend(%s)", row)
+                killed.append(row[0])
+                return
+            time.sleep(0.01)
+
+
+def test_lost_connection_retries_only_the_failed_day(pg_conninfo, project):
+    """A ranged run whose third day loses its connection mid-COPY: the other days are
+    published once, the retry (RetryRequested) redoes only the third."""
+    big = RETRY_DAYS[2]
+    volumes = {d: 200 for d in RETRY_DAYS} | {big: 300_000}
+    with psycopg.connect(pg_conninfo, autocommit=True) as c:
+        create_daily_partitioned(c, "retry", "t", RETRY_DAYS, volumes, default_partition=False)
+    p = project(
+        [{"table": "retry.t", "partition_column": "order_date", "start": str(RETRY_DAYS[0])}],
+        postgres={"retries": 2},
+        backfill={"max_partitions_per_run": 4},
+    )
+    killed: list[int] = []
+    killer = threading.Thread(target=kill_copy_of, args=(pg_conninfo, f"t_{big:%Y_%m_%d}", killed))
+    killer.start()
+    result = materialize(
+        [p.asset()],
+        resources=build_resources(p.config),
+        instance=p.instance,
+        raise_on_error=False,
+        tags={
+            "dagster/asset_partition_range_start": RETRY_DAYS[0].isoformat(),
+            "dagster/asset_partition_range_end": RETRY_DAYS[-1].isoformat(),
+        },
+    )
+    killer.join()
+    assert killed, "the COPY finished before it could be killed"
+    assert result.success
+    types = [e.event_type_value for e in result.all_events]
+    assert types.count("STEP_UP_FOR_RETRY") == 1
+    mats = [e.materialization for e in result.get_asset_materialization_events()]
+    # each day exactly once: the retry did not redo the three days already published
+    assert sorted(m.partition for m in mats) == [d.isoformat() for d in RETRY_DAYS]
+    assert mats[-1].partition == big.isoformat()
+    assert {m.partition: m.metadata["rows"].value for m in mats} == {
+        d.isoformat(): n for d, n in volumes.items()
+    }
+    assert LocalSink(p.config.bronze.root).list_files("_staging") == []
