@@ -299,6 +299,61 @@ def measure(
     return m
 
 
+def build_many_tables(conninfo: str, n: int, children: int) -> None:
+    """`n` small tables, each RANGE-partitioned by day with `children` daily children."""
+    with psycopg.connect(conninfo, autocommit=True) as c:
+        marker = f"load bench {n} tables {children} children"
+        row = c.execute("SELECT obj_description(to_regnamespace('loadbench'), 'pg_namespace')")
+        if (got := row.fetchone()) and got[0] == marker:
+            return
+        print(f"building {n} tables × {children} children in schema loadbench ...")
+        with c.transaction():
+            c.execute("DROP SCHEMA IF EXISTS loadbench CASCADE")
+            c.execute("CREATE SCHEMA loadbench")
+            for i in range(n):
+                t = sql.Identifier("loadbench", f"t{i:03d}")
+                c.execute(
+                    sql.SQL("CREATE TABLE {} (id int, d date) PARTITION BY RANGE (d)").format(t)
+                )
+                for k in range(children):
+                    day = FIRST_DAY + dt.timedelta(days=k)
+                    c.execute(
+                        sql.SQL(
+                            "CREATE TABLE {} PARTITION OF {} FOR VALUES FROM ({}) TO ({})"
+                        ).format(
+                            sql.Identifier("loadbench", f"t{i:03d}_{k}"),
+                            t,
+                            sql.Literal(day),
+                            sql.Literal(day + dt.timedelta(days=1)),
+                        )
+                    )
+            c.execute(sql.SQL("COMMENT ON SCHEMA loadbench IS {}").format(sql.Literal(marker)))
+
+
+def load_seconds(code_dir: Path, config: Path, conninfo: str, runs: int) -> dict[str, float]:
+    """Median wall seconds of a fresh interpreter importing dagster alone, and importing the
+    code location (`pg_assets.definitions`) with the given config: the difference is ours."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(code_dir),
+        "PG_ASSETS_CONFIG": str(config),
+        "PG_ASSETS_CONNINFO": conninfo,
+    }
+    out = {}
+    for name, code in (
+        ("import dagster", "import dagster"),
+        ("import pg_assets.definitions", "import pg_assets.definitions"),
+    ):
+        times = []
+        for _ in range(runs):
+            t = time.perf_counter()
+            subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=300,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+            times.append(time.perf_counter() - t)
+        out[name] = statistics.median(times)
+    return out
+
+
 def markdown(rows: list[Measurement], copy_s: float, total_rows: int, args) -> str:
     out = [
         f"Year backfill: {args.days} days, {total_rows:,} rows (~{args.rows_per_day:,}/day), "
@@ -337,6 +392,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=5400, help="seconds allowed per backfill")
     p.add_argument("--port", type=int, default=3117)
     p.add_argument("--keep", action="store_true", help="keep each DAGSTER_HOME for inspection")
+    p.add_argument(
+        "--load-tables",
+        type=int,
+        help="instead: time loading the code location with this many tables (10 days each)",
+    )
     args = p.parse_args(argv)
 
     conninfo = os.environ.get("PG_ASSETS_CONNINFO")
@@ -344,6 +404,25 @@ def main(argv: list[str] | None = None) -> int:
         from pg_assets.dev.embedded import start
 
         conninfo = start(ROOT / ".pg_assets").conninfo
+    if args.load_tables:
+        build_many_tables(conninfo, args.load_tables, 10)
+        code_dir = (args.code_dir or ROOT).resolve()
+        with tempfile.TemporaryDirectory() as tmp:
+            config = Path(tmp) / "many.yaml"
+            tables = [
+                {"table": f"loadbench.t{i:03d}", "partition_column": "d", "start": str(FIRST_DAY)}
+                for i in range(args.load_tables)
+            ]
+            doc = {"source": "load", "bronze": {"root": f"{tmp}/bronze"}, "tables": tables}
+            config.write_text(yaml.safe_dump(doc, sort_keys=False))
+            times = load_seconds(code_dir, config, conninfo, runs=5)
+        ours = times["import pg_assets.definitions"] - times["import dagster"]
+        print(
+            f"{args.label or code_dir}: {args.load_tables} tables: "
+            + ", ".join(f"{k} {v:.2f} s" for k, v in times.items())
+            + f"; beyond Dagster's own import: {ours:.2f} s"
+        )
+        return 0
     total_rows, days = build_table(conninfo, args.days, args.rows_per_day)
     partitions = [d.isoformat() for d in days]
     copy_s = psql_copy_seconds(conninfo)

@@ -269,7 +269,7 @@ def _define(
             block_size=bronze.block_size,
         )
         failed: dict[dt.date, BaseException] = {}
-        lost_in_a_row = 0
+        lost_in_a_row = rows = 0
         for i, day in enumerate(days):
             if lost_in_a_row >= MAX_CONSECUTIVE_LOST:
                 cause = failed[days[i - 1]]
@@ -288,10 +288,9 @@ def _define(
                 context.log.error(f"table {qname}, partition {day}: {_cause(e)}")
                 continue
             lost_in_a_row = 0
-            context.log.info(
-                f"table {qname}, partition {day}: {result.plan.strategy} on "
-                f"{result.plan.relation}, {result.stats.rows} rows"
-            )
+            rows += result.stats.rows
+            # No log line per day: each is an event write, and the materialization below
+            # already carries the day's relation, strategy and rows.
             yield AssetMaterialization(
                 asset_key=key,
                 partition=day.isoformat(),
@@ -302,6 +301,9 @@ def _define(
                     DATA_VERSION_IS_USER_PROVIDED_TAG: "true",
                 },
             )
+        context.log.info(
+            f"{where}: {len(days) - len(failed)} of {len(days)} days published, {rows} rows"
+        )
         if failed:
             _retry_or_fail(context, retries, f"table {qname}", span, failed)
 
