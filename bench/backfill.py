@@ -244,12 +244,19 @@ def measure(
     timeout_s: float,
     port: int,
     keep: bool,
+    max_runs: int | None = None,
 ) -> Measurement:
     from pg_assets.dev.services import DagsterServices
 
     m = Measurement(label, per_run, len(partitions))
     home = Path(tempfile.mkdtemp(prefix="bench_backfill_"))
-    shutil.copy(code_dir / "dagster.yaml", home / "dagster.yaml")
+    instance = yaml.safe_load((code_dir / "dagster.yaml").read_text())
+    if max_runs is not None:
+        instance.setdefault("concurrency", {}).setdefault("runs", {})["max_concurrent_runs"] = (
+            max_runs
+        )
+        m.label += f", {max_runs} runs at once"
+    (home / "dagster.yaml").write_text(yaml.safe_dump(instance, sort_keys=False))
     config: dict[str, Any] = {
         "source": SOURCE,
         "postgres": {"conninfo_env": "PG_ASSETS_CONNINFO", "pool_max": 2},
@@ -391,6 +398,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--label", help="name of the code measured (default: this checkout / DIR)")
     p.add_argument("--timeout", type=float, default=5400, help="seconds allowed per backfill")
     p.add_argument("--port", type=int, default=3117)
+    p.add_argument(
+        "--max-concurrent-runs", type=int, help="override dagster.yaml's concurrency.runs limit"
+    )
     p.add_argument("--keep", action="store_true", help="keep each DAGSTER_HOME for inspection")
     p.add_argument(
         "--load-tables",
@@ -446,6 +456,7 @@ def main(argv: list[str] | None = None) -> int:
             timeout_s=args.timeout,
             port=args.port,
             keep=args.keep,
+            max_runs=args.max_concurrent_runs,
         )
         print(
             f"  {m.wall_s:.1f} s wall, {m.runs} runs, {m.materialized} materialized, "

@@ -38,7 +38,8 @@ mutation ($params: ExecutionParams!) {
 RUN = """
 query ($id: ID!) {
   runOrError(runId: $id) {
-    ... on Run { status eventConnection(afterCursor: null) { events { __typename } } }
+    ... on Run { status eventConnection(afterCursor: null) {
+        events { __typename ... on MessageEvent { message } } } }
   }
 }"""
 
@@ -82,6 +83,9 @@ def webserver(pg_conninfo: str, tmp_path_factory: pytest.TempPathFactory):
             types = {e["__typename"] for e in run["eventConnection"]["events"]}
             # queued by the webserver, taken off the queue and launched by the daemon
             assert {"RunEnqueuedEvent", "RunStartingEvent", "RunStartEvent"} <= types
+            # one step, run in the run's own process: no second process loading the code
+            messages = [e.get("message") or "" for e in run["eventConnection"]["events"]]
+            assert any(m.startswith("Executing steps in process") for m in messages)
         yield services.url
 
 
