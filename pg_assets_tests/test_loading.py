@@ -136,27 +136,28 @@ def test_check_caches_the_first_day_and_loading_uses_it(checkable, tmp_path, pg_
             }
         )
     )
-    assert import_definitions(config, pg_conninfo).returncode != 0  # nothing cached yet
     out = cli(["check"], config, tmp_path, PG_ASSETS_CONNINFO=pg_conninfo)
     assert out.returncode == 0, out.stderr
     assert "loadcheck.t: ok" in out.stdout and "first day 2025-03-01" in out.stdout
-    cache = tmp_path / ".pg_assets" / CACHE_FILE
-    assert cache.exists()
+    assert (tmp_path / ".pg_assets" / CACHE_FILE).exists()
     # now the location loads, from the cache, with the database gone
-    loaded = import_definitions(config, "host=127.0.0.1 port=1 user=x connect_timeout=1")
-    assert loaded.returncode == 0, loaded.stderr
     code = (
         "import pg_assets.definitions as d; "
         "print(next(iter(d.defs.assets)).partitions_def.start.date())"
     )
-    start = subprocess.run(
+    loaded = subprocess.run(
         [sys.executable, "-c", code],
-        env={**os.environ, "PG_ASSETS_CONFIG": str(config), "PG_ASSETS_CONNINFO": "x"},
+        env={
+            **os.environ,
+            "PG_ASSETS_CONFIG": str(config),
+            "PG_ASSETS_CONNINFO": "host=127.0.0.1 port=1 user=x connect_timeout=1",
+        },
         capture_output=True,
         text=True,
         timeout=120,
     )
-    assert start.stdout.strip().splitlines()[-1] == "2025-03-01", start.stderr
+    assert loaded.returncode == 0, loaded.stderr
+    assert loaded.stdout.strip().splitlines()[-1] == "2025-03-01"
 
 
 def test_check_fails_when_it_cannot_check(checkable, tmp_path, pg_conninfo, listener, monkeypatch):

@@ -64,6 +64,7 @@ class DagsterServices:
         self.webserver: subprocess.Popen[Any] | None = None
         self.daemon: subprocess.Popen[Any] | None = None
         self._logs: list[IO[Any]] = []
+        self._initialized = False
 
     def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen[Any]:
         out: IO[Any] | None = None
@@ -82,12 +83,31 @@ class DagsterServices:
             preexec_fn=_child_signals,  # only resets two signal dispositions
         )
 
+    def _init_instance(self) -> None:
+        """Create (and migrate) the instance's storage once, before any service starts.
+
+        On a fresh DAGSTER_HOME the webserver, the daemon and their code servers would each
+        create the SQLite storage at the same moment, and Dagster's schema stamping can then
+        fail with "Version table 'alembic_version' has more than one head present"."""
+        if self._initialized:
+            return
+        code = "from dagster import DagsterInstance; DagsterInstance.get().dispose()"
+        out = subprocess.run(
+            [sys.executable, "-c", code], cwd=self.cwd, env=self.env, capture_output=True,
+            text=True, timeout=120,
+        )  # fmt: skip
+        if out.returncode != 0:
+            raise ServicesError(f"could not open the Dagster instance: {out.stderr[-2000:]}")
+        self._initialized = True
+
     def start_webserver(self) -> "DagsterServices":
+        self._init_instance()
         argv = [str(BIN / "dagster-webserver"), "-w", str(self.workspace)]
         self.webserver = self._spawn("webserver", argv + ["-h", self.host, "-p", str(self.port)])
         return self
 
     def start_daemon(self) -> "DagsterServices":
+        self._init_instance()
         argv = [str(BIN / "dagster-daemon"), "run", "-w", str(self.workspace)]
         self.daemon = self._spawn("daemon", argv)
         return self
