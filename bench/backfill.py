@@ -352,13 +352,19 @@ def load_seconds(code_dir: Path, config: Path, conninfo: str, runs: int) -> dict
     out = {}
     for name, code in (
         ("import dagster", "import dagster"),
-        ("import pg_assets.definitions", "import pg_assets.definitions"),
+        (
+            "import pg_assets.definitions",
+            f"import pg_assets.definitions, sys; assert pg_assets.__file__.startswith("
+            f"{str(code_dir)!r}), pg_assets.__file__",
+        ),
     ):
         times = []
         for _ in range(runs):
             t = time.perf_counter()
+            # cwd: the config's folder, so `-c`'s sys.path[0] cannot shadow PYTHONPATH
             subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=300,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+                           cwd=config.parent, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)  # fmt: skip
             times.append(time.perf_counter() - t)
         out[name] = statistics.median(times)
     return out
