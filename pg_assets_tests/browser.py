@@ -30,7 +30,8 @@ class Browser:
             port = self._port(profile / "DevToolsActivePort", 60)
             targets = requests.get(f"http://127.0.0.1:{port}/json/list", timeout=10).json()
             page = next(t for t in targets if t["type"] == "page")
-            self.ws = connect(page["webSocketDebuggerUrl"], max_size=None, open_timeout=20)
+            self._conn = connect(page["webSocketDebuggerUrl"], max_size=None, open_timeout=20)
+            self.ws = self._conn.__enter__()  # websockets wants its context-manager protocol
         except BaseException:
             self.close()
             raise
@@ -90,8 +91,8 @@ class Browser:
         path.write_bytes(base64.b64decode(data))
 
     def close(self) -> None:
-        ws = getattr(self, "ws", None)
-        if ws is not None:
-            ws.close()
+        conn = getattr(self, "_conn", None)
+        if conn is not None:
+            conn.__exit__(None, None, None)
         self.proc.kill()
         self.proc.wait(10)
