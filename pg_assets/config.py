@@ -45,6 +45,12 @@ class PostgresConfig(_Strict):
     connect_timeout_s: float = Field(default=10, gt=0)
     statement_timeout_s: float = Field(default=0, ge=0, description="0 = no limit")
     retries: int = Field(default=2, ge=0, description="Retries after a lost connection.")
+    lock_timeout_s: float = Field(
+        default=60,
+        gt=0,
+        description="How long a day waits for another run of the same day, and for DDL "
+        "holding a lock on the relations it reads.",
+    )
 
 
 class BronzeConfig(_Strict):
