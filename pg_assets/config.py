@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from pg_assets.core.compression import CODECS, get_codec
 from pg_assets.core.identifiers import QualifiedName, parse_column_name, parse_qualified_name
+from pg_assets.core.layout import table_folder
 from pg_assets.resources.bronze import AdlsSettings
 
 CONFIG_ENV = "PG_ASSETS_CONFIG"
@@ -160,10 +161,21 @@ def load_config(path: str | os.PathLike[str] | None = None) -> ProjectConfig:
             "\n".join(_describe_error(path, raw, err) for err in e.errors())
         ) from None
     seen: dict[QualifiedName, str] = {}
+    folders: dict[str, str] = {}
     for t in cfg.tables:
         if t.name in seen:
             raise ConfigError(f"{cfg.table_context(t)}: key 'table': listed twice")
         seen[t.name] = t.table
+        # Encoded folders are distinct per table; only letter case can still make two meet
+        # (a case-insensitive file system, or a reader that lower-cases paths).
+        folder = table_folder(cfg.source, t.name)
+        if (other := folders.get(folder.lower())) is not None:
+            raise ConfigError(
+                f"{cfg.table_context(t)}: key 'table': its Bronze folder {folder!r} differs "
+                f"from that of {other!r} only in letter case; the two would share a folder on "
+                "case-insensitive storage. Land them from separate sources."
+            )
+        folders[folder.lower()] = t.table
     codec = get_codec(cfg.bronze.codec)
     level = cfg.bronze_level()
     if level not in codec.levels:

@@ -198,6 +198,31 @@ def _committed(sink: Sink, relpath: str, body: bytes) -> bool:
         return False
 
 
+def _remove_superseded(
+    sink: Sink, paths: PartitionPaths, *, keep: str, previous: dict[str, Any] | None
+) -> tuple[tuple[str, ...], list[str]]:
+    """Delete every data file of the day but `keep`: older versions, other codecs, orphans of
+    failed runs. Returns what was removed and what could not be (with why)."""
+    candidates: set[str] = set()
+    problems: list[str] = []
+    if previous and previous.get("file"):
+        candidates.add(f"{paths.folder}/{previous['file']}")
+    try:
+        candidates.update(sink.list_files(paths.folder))
+    except Exception as e:
+        problems.append(f"could not list {paths.folder} to find them ({e})")
+    removed = []
+    for rel in sorted(candidates):
+        if rel == keep or not paths.is_data_file(rel):
+            continue
+        try:
+            sink.delete(rel)
+            removed.append(rel)
+        except Exception as e:
+            problems.append(f"{rel} ({e})")
+    return tuple(removed), problems
+
+
 def extract_day(
     conn: psycopg.Connection,
     *,
@@ -325,16 +350,8 @@ def _extract_locked(
             except Exception:
                 pass  # an orphan without manifest; the next publish of the day removes it
         raise
-    result_removed: list[str] = []
-    leftovers: list[str] = []
-    for rel in sink.list_files(paths.folder):
-        if rel != data_rel and paths.is_data_file(rel):
-            try:
-                sink.delete(rel)
-                result_removed.append(rel)
-            except Exception as e:
-                leftovers.append(f"{rel} ({e})")
-    result = ExtractResult(stats, plan, info, published, manifest, previous, tuple(result_removed))
+    removed, leftovers = _remove_superseded(sink, paths, keep=data_rel, previous=previous)
+    result = ExtractResult(stats, plan, info, published, manifest, previous, removed)
     if leftovers:
         raise LeftoverFilesError(
             f"{where}: the new version is published, but superseded data files could not be "

@@ -4,11 +4,13 @@
     <root>/<source>/<S>.<T>/date=YYYY-MM-DD/_manifest.json                      the commit point
     <root>/_staging/<run_id>-<token>-<file>                                     never read
 
-`<S>` and `<T>` are the schema and table names, each percent-encoded by `encode_segment` so
-that the mapping from tables to folders is injective (`"public.a".b` and `public."a.b"` get
-different folders) and no name can leave its folder (`/`, a leading `.`). Everything a
-PostgreSQL name may hold that a path, a glob or a Hadoop `Path` would misread is encoded;
-letters (non-ASCII included), digits, space and `_-$` stay readable.
+`<S>` and `<T>` are the schema and table names, each encoded by `encode_segment` so that the
+mapping from tables to folders is injective (`"public.a".b` and `public."a.b"` get different
+folders) and no name can leave its folder (`/`, a leading `.`). Everything a PostgreSQL name
+may hold that a path, a glob, a Hive partition reader or a Hadoop `Path` would misread becomes
+`~XX` (the UTF-8 bytes in hex); letters (non-ASCII included), digits, space and `_-$` stay
+readable. Not `%XX`: the Azure SDK un-quotes a rename's source path once more than it quotes
+it, so a literal `%2E` in a name would rename the wrong file.
 
 Data files are versioned: each extraction writes a new name, and the manifest, replaced
 atomically and last, names the one current file. Readers that trust manifests never see a
@@ -25,19 +27,19 @@ from dataclasses import dataclass
 from pg_assets.core.identifiers import QualifiedName
 
 MANIFEST = "_manifest.json"
-_ENCODE = re.compile(r'[%/\\.:*?\[\]{}"<>|#\x00-\x1f\x7f]')
+_ENCODE = re.compile(r'[~%/\\.:=*?\[\]{}"<>|#\x00-\x1f\x7f]')
 _VERSION = re.compile(r"^\d{8}T\d{6}Z-[0-9a-f]{8}$")
 
 
 def encode_segment(text: str) -> str:
-    """Percent-encode what a path segment must not hold; reversible by `decode_segment`."""
-    return _ENCODE.sub(lambda m: "".join(f"%{b:02X}" for b in m.group().encode()), text)
+    """Encode what a path segment must not hold as `~XX`; reversible by `decode_segment`."""
+    return _ENCODE.sub(lambda m: "".join(f"~{b:02X}" for b in m.group().encode()), text)
 
 
 def decode_segment(text: str) -> str:
     return re.sub(
-        r"(?:%[0-9A-F]{2})+",
-        lambda m: bytes.fromhex(m.group().replace("%", "")).decode(),
+        r"(?:~[0-9A-F]{2})+",
+        lambda m: bytes.fromhex(m.group().replace("~", "")).decode(),
         text,
     )
 
