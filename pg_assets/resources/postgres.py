@@ -20,7 +20,22 @@ from psycopg import IsolationLevel
 from psycopg_pool import ConnectionPool
 from pydantic import Field, PrivateAttr
 
-APPLICATION_NAME = "pg_assets"
+from pg_assets.core.session import (  # re-exported: the session is defined in the pure core
+    APPLICATION_NAME,
+    PINNED_SETTINGS,
+    SessionSettingsError,
+    connect_kwargs,
+)
+
+__all__ = [
+    "APPLICATION_NAME",
+    "PINNED_SETTINGS",
+    "MissingConninfoError",
+    "PostgresResource",
+    "SessionSettingsError",
+    "connect_kwargs",
+    "read_conninfo",
+]
 
 
 class MissingConninfoError(RuntimeError):
@@ -35,16 +50,6 @@ def read_conninfo(env_var: str) -> str:
             "connection string (e.g. 'host=db.example.com dbname=shop user=reader')"
         )
     return value
-
-
-def connect_kwargs(connect_timeout_s: float, statement_timeout_s: float) -> dict[str, object]:
-    kwargs: dict[str, object] = {
-        "application_name": APPLICATION_NAME,
-        "connect_timeout": max(1, int(connect_timeout_s)),
-    }
-    if statement_timeout_s:
-        kwargs["options"] = f"-c statement_timeout={int(statement_timeout_s * 1000)}"
-    return kwargs
 
 
 def _configure(conn: psycopg.Connection) -> None:
@@ -66,11 +71,12 @@ class PostgresResource(ConfigurableResource):
     _pool: ConnectionPool | None = PrivateAttr(default=None)
 
     def setup_for_execution(self, context: InitResourceContext) -> None:
+        conninfo = read_conninfo(self.conninfo_env)
         self._pool = ConnectionPool(
-            read_conninfo(self.conninfo_env),
+            conninfo,
             min_size=min(self.pool_min, self.pool_max),
             max_size=self.pool_max,
-            kwargs=connect_kwargs(self.connect_timeout_s, self.statement_timeout_s),
+            kwargs=connect_kwargs(self.connect_timeout_s, self.statement_timeout_s, conninfo),
             configure=_configure,
             check=ConnectionPool.check_connection,
             timeout=self.connect_timeout_s,
