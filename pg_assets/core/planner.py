@@ -108,8 +108,8 @@ class TableInfo:
     oid: int = 0
     relkind: str = "r"
     has_generated_columns: bool = False  # `COPY rel (cols) TO` refuses generated columns
-    # sha256 of the catalog rows the plan depends on, computed by PostgreSQL (see _fp_sql);
-    # lock_plan compares them with the catalog inside each day's snapshot.
+    # sha256 of the catalog rows the plan depends on, computed by PostgreSQL (_COLUMNS_FP,
+    # _CHILDREN_FP); lock_plan compares them with the catalog inside each day's snapshot.
     columns_fingerprint: str | None = None
     children_fingerprint: str | None = None
 
@@ -142,11 +142,13 @@ SELECT pg_catalog.encode(pg_catalog.sha256(pg_catalog.convert_to(pg_catalog.stri
 FROM pg_catalog.pg_attribute fa
 WHERE fa.attrelid = {oid} AND fa.attnum > 0 AND NOT fa.attisdropped)"""
 
+# The bounds enter as the stored node tree: pg_get_expr() would briefly lock every child
+# (PostgreSQL opens the relation to deparse), making each day's check wait on DDL elsewhere.
 _CHILDREN_FP = """(
 SELECT pg_catalog.encode(pg_catalog.sha256(pg_catalog.convert_to(pg_catalog.string_agg(
          fc.oid::text || ' ' || fc.relkind::text || ' ' || pg_catalog.quote_ident(fn.nspname)
          || '.' || pg_catalog.quote_ident(fc.relname) || ' '
-         || COALESCE(pg_catalog.pg_get_expr(fc.relpartbound, fc.oid), ''),
+         || COALESCE(fc.relpartbound::text, ''),
          E'\\n' ORDER BY fc.oid), 'UTF8')), 'hex')
 FROM pg_catalog.pg_inherits fi
 JOIN pg_catalog.pg_class fc ON fc.oid = fi.inhrelid
@@ -403,10 +405,13 @@ def lock_targets(info: TableInfo, plan: CopyPlan) -> list[_Target]:
         return [_Target(info.name, only=False)]
     # Only the children that can hold rows of the day (and DEFAULT). Locking the parent
     # itself blocks DETACH/DROP of any child; a new ATTACH must lock DEFAULT, which we hold.
+    read = [c for c in info.children if _overlaps(c, plan.lower, plan.upper)]
+    if not all(c.readable for c in read):
+        # LOCK needs privileges on each table it names, but not on the partitions it reaches
+        # through their parent: lock the whole tree.
+        return [_Target(info.name, only=False)]
     return [_Target(info.name, only=True)] + [
-        _Target(c.name, only=False)
-        for c in info.children
-        if _overlaps(c, plan.lower, plan.upper) and c.relkind not in _UNLOCKABLE
+        _Target(c.name, only=False) for c in read if c.relkind not in _UNLOCKABLE
     ]
 
 
@@ -481,6 +486,24 @@ LIMIT 1
 """
 
 
+def _lock_in_savepoint(
+    cur: psycopg.Cursor[Any], targets: Sequence[_Target]
+) -> psycopg.errors.LockNotAvailable | psycopg.errors.UndefinedTable | None:
+    """LOCK `targets` in one round trip inside a savepoint. On a lock timeout or a missing
+    relation the savepoint is rolled back (the transaction stays usable, the locks taken
+    before it stay held) and the error is returned."""
+    try:
+        cur.execute(
+            sql.SQL("SAVEPOINT pg_assets_lock; {}; RELEASE SAVEPOINT pg_assets_lock").format(
+                _lock_sql(targets)
+            )
+        )
+        return None
+    except (psycopg.errors.LockNotAvailable, psycopg.errors.UndefinedTable) as e:
+        cur.execute("ROLLBACK TO SAVEPOINT pg_assets_lock; RELEASE SAVEPOINT pg_assets_lock")
+        return e
+
+
 def lock_plan(
     conn: psycopg.Connection, info: TableInfo, plan: CopyPlan, lock_timeout_s: float
 ) -> CopyPlan:
@@ -499,10 +522,11 @@ def lock_plan(
          locked now and checked not to have been truncated or rewritten since the snapshot.
 
     Returns the plan to COPY; its `info` is the catalog that plan was made from (the given
-    `info` when nothing changed). Raises LockTimeoutError (naming the relation and
-    `lock_timeout_s`), ConcurrentChangeError (a double race; retry the day), CatalogError
-    (table or column gone) or SessionSettingsError. Costs 2 round trips per day plus one per
-    extra locked relation, whatever the number of partitions.
+    `info` when nothing changed: keep using `plan.info` for the next days of a ranged run).
+    Raises LockTimeoutError (naming the relation and `lock_timeout_s`), ConcurrentChangeError
+    (a double race; nothing was read, retry the day), CatalogError (table or column gone) or
+    SessionSettingsError. Three round trips when the plan holds, whatever the number of
+    partitions.
     """
     if lock_timeout_s <= 0:
         raise ValueError("lock_timeout_s must be > 0: nothing waits forever")
@@ -515,9 +539,10 @@ def lock_plan(
     )
     locked: set[_Target] = set()
     with conn.cursor(row_factory=tuple_row) as cur:
+        # Round trip 1 (simple-query protocol; neither statement takes the snapshot). The
+        # configured table is locked outside the savepoint: if it is gone, the day is.
         try:
             if targets:
-                # one round trip: simple-query protocol, neither statement takes a snapshot
                 cur.execute(sql.SQL("{}; {}").format(timeout, _lock_sql(targets[:1])))
                 locked.add(targets[0])
             else:
@@ -528,16 +553,16 @@ def lock_plan(
             raise CatalogError(
                 f"table {info.name} does not exist (or is not visible to this role)"
             ) from None
+        # Round trip 2: the partitions read. One dropped since `info` was read is not fatal:
+        # the check below sees it and re-plans.
         if targets[1:]:
-            try:
-                with conn.transaction():  # a savepoint: a child dropped meanwhile is not fatal
-                    cur.execute(_lock_sql(targets[1:]))
+            error = _lock_in_savepoint(cur, targets[1:])
+            if isinstance(error, psycopg.errors.LockNotAvailable):
+                raise _timeout_error(conn, targets[1:], lock_timeout_s, where)
+            if error is None:
                 locked.update(targets[1:])
-            except psycopg.errors.LockNotAvailable:
-                raise _timeout_error(conn, targets[1:], lock_timeout_s, where) from None
-            except psycopg.errors.UndefinedTable:
-                pass  # gone since `info` was read: step 2 sees it and re-plans
 
+        # Round trip 3: takes the snapshot.
         row = cur.execute(
             _VERIFY_SQL, {"schema": info.name.schema, "name": info.name.name, "oid": info.oid}
         ).fetchone()
@@ -551,21 +576,29 @@ def lock_plan(
         if unchanged and len(locked) == len(targets):
             return plan
 
-        fresh = describe_table(conn, info.name, info.partition_column.name)
+        try:
+            fresh = describe_table(conn, info.name, info.partition_column.name)
+        except psycopg.errors.LockNotAvailable:
+            # reading bounds briefly locks each partition (pg_get_expr opens it)
+            raise LockTimeoutError(
+                f"{where}: the partitions of {info.name} changed and re-reading them waited "
+                f"longer than lock_timeout_s={lock_timeout_s:g}: DDL is running on one of "
+                "them; nothing was read, retry later or raise lock_timeout_s",
+                info.name,
+                lock_timeout_s,
+            ) from None
         new = plan_day(fresh, plan.day, plan.timezone)
         extra = [t for t in lock_targets(fresh, new) if t not in locked]
         if extra:
-            try:
-                with conn.transaction():
-                    cur.execute(_lock_sql(extra))
-            except psycopg.errors.LockNotAvailable:
-                raise _timeout_error(conn, extra, lock_timeout_s, where) from None
-            except psycopg.errors.UndefinedTable:
+            error = _lock_in_savepoint(cur, extra)
+            if isinstance(error, psycopg.errors.LockNotAvailable):
+                raise _timeout_error(conn, extra, lock_timeout_s, where)
+            if error is not None:
                 raise ConcurrentChangeError(
                     f"{where}: a relation the plan reads ({', '.join(str(t.name) for t in extra)})"
                     " was dropped while the day was being planned; nothing was read, retry",
                     extra[0].name,
-                ) from None
+                )
             _check_not_rewritten(cur, extra, where)
         return new
 
