@@ -291,6 +291,38 @@ def test_truncate_of_a_replanned_child_after_the_snapshot_is_refused(race, pg_co
         ddl_conn.close()
 
 
+def test_child_attached_since_describe_on_a_parent_filter_day(race, pg_conninfo):
+    """A day that had no partition (parent_filter, locks: parent and DEFAULT) gets one after
+    the describe; it must be locked before it is read, and a TRUNCATE of it committed after
+    the snapshot must not pass for an empty day."""
+    day = DAYS[-1] + dt.timedelta(days=1)
+    info = described(pg_conninfo)
+    assert plan_day(info, day, "UTC").strategy == "parent_filter"
+    new_child = QualifiedName("race", "t_late")
+    race.execute(sql.SQL("CREATE TABLE {} (LIKE {})").format(new_child.identifier, NAME.identifier))
+    insert_orders(race, new_child.identifier, day, 30, 0)
+    race.execute(
+        sql.SQL("ALTER TABLE {} ATTACH PARTITION {} FOR VALUES FROM ({}) TO ({})").format(
+            NAME.identifier,
+            new_child.identifier,
+            sql.Literal(day),
+            sql.Literal(day + dt.timedelta(days=1)),
+        )
+    )
+    ddl_conn = psycopg.connect(pg_conninfo)
+    x = Extraction(pg_conninfo, info, day)
+    try:
+        ddl_conn.execute(sql.SQL("TRUNCATE {}").format(new_child.identifier))
+        locking = in_background(x.lock)
+        wait_for(lambda: waiting_on_lock(race, x.pid), "the extraction to lock the new child")
+        ddl_conn.commit()
+        with pytest.raises(ConcurrentChangeError, match=r"race\.t_late was truncated"):
+            locking.result(timeout=30)
+    finally:
+        x.close()
+        ddl_conn.close()
+
+
 def test_replanned_child_is_read_when_nothing_else_happens(race, pg_conninfo):
     info = described(pg_conninfo)
     new_child = QualifiedName("race", "t_new")

@@ -205,10 +205,11 @@ def test_row_level_security_fails_instead_of_filtering(odd_role, pg_conninfo, pr
 
 def test_user_options_are_kept(pg_conninfo):
     conninfo = f"{pg_conninfo} options='-c search_path=sess,public -c DateStyle=German'"
-    with psycopg.connect(conninfo, **connect_kwargs(5, 2.5, conninfo)) as conn:
+    with psycopg.connect(conninfo, **connect_kwargs(5, 2.5, conninfo, lock_timeout_s=1)) as conn:
         check_session(conn)  # our DateStyle wins over the user's
         assert conn.execute("SHOW search_path").fetchone() == ("sess,public",)
         assert conn.execute("SHOW statement_timeout").fetchone() == ("2500ms",)
+        assert conn.execute("SHOW lock_timeout").fetchone() == ("1s",)
 
 
 def test_every_pin_reaches_the_server(odd_role):

@@ -94,6 +94,7 @@ class Child:
     oid: int = 0
     relkind: str = "r"
     readable: bool = True  # this role may SELECT from the child itself, not only via the parent
+    key: str = ""  # xmins of its pg_inherits and pg_class rows (_CHILD_KEY)
 
 
 @dataclass(frozen=True)
@@ -142,18 +143,20 @@ SELECT pg_catalog.encode(pg_catalog.sha256(pg_catalog.convert_to(pg_catalog.stri
 FROM pg_catalog.pg_attribute fa
 WHERE fa.attrelid = {oid} AND fa.attnum > 0 AND NOT fa.attisdropped)"""
 
-# The bounds enter as the stored node tree: pg_get_expr() would briefly lock every child
-# (PostgreSQL opens the relation to deparse), making each day's check wait on DDL elsewhere.
-_CHILDREN_FP = """(
+# Attached children by identity, not content: a DETACH/ATTACH replaces the pg_inherits row,
+# and a rename, TRUNCATE or bound change rewrites the pg_class row, so their xmins move.
+# Cheap (no text, no deparsing: pg_get_expr() would briefly lock every child).
+_CHILD_KEY = "fi.xmin::text || ':' || fc.xmin::text"
+_CHILDREN_FP = (
+    """(
 SELECT pg_catalog.encode(pg_catalog.sha256(pg_catalog.convert_to(pg_catalog.string_agg(
-         fc.oid::text || ' ' || fc.relkind::text || ' ' || pg_catalog.quote_ident(fn.nspname)
-         || '.' || pg_catalog.quote_ident(fc.relname) || ' '
-         || COALESCE(fc.relpartbound::text, ''),
-         E'\\n' ORDER BY fc.oid), 'UTF8')), 'hex')
+         fi.inhrelid::text || ':' || """
+    + _CHILD_KEY
+    + """, ',' ORDER BY fi.inhrelid), 'UTF8')), 'hex')
 FROM pg_catalog.pg_inherits fi
 JOIN pg_catalog.pg_class fc ON fc.oid = fi.inhrelid
-JOIN pg_catalog.pg_namespace fn ON fn.oid = fc.relnamespace
 WHERE fi.inhparent = {oid} AND NOT fi.inhdetachpending)"""
+)
 
 # One row per column (attnum NULL for a table without columns). `base_type` follows domains
 # (nested ones too) down to the built-in type, for the partition column only.
@@ -182,20 +185,22 @@ ORDER BY a.attnum
 # (the bound text comes from the type's output function in this same session, so the round
 # trip is exact; it is fetched in binary, so no client-side parsing of dates is involved).
 # Bounds outside the years Python can hold are folded into `sign` (-1 below, +1 above).
+# MATERIALIZED: each expression is computed once per child, not once per reference.
 _CHILDREN_SQL = """
-WITH ch AS (
-  SELECT c.oid, n.nspname, c.relname, c.relkind,
-         pg_catalog.pg_get_expr(c.relpartbound, c.oid) AS bound,
-         pg_catalog.has_table_privilege(c.oid, 'SELECT') AS readable
-  FROM pg_catalog.pg_inherits i
-  JOIN pg_catalog.pg_class c ON c.oid = i.inhrelid
-  JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-  WHERE i.inhparent = %(oid)s AND NOT i.inhdetachpending
-), m AS (
+WITH ch AS MATERIALIZED (
+  SELECT fc.oid, n.nspname, fc.relname, fc.relkind,
+         pg_catalog.pg_get_expr(fc.relpartbound, fc.oid) AS bound,
+         pg_catalog.has_table_privilege(fc.oid, 'SELECT') AS readable,
+         {key} AS key
+  FROM pg_catalog.pg_inherits fi
+  JOIN pg_catalog.pg_class fc ON fc.oid = fi.inhrelid
+  JOIN pg_catalog.pg_namespace n ON n.oid = fc.relnamespace
+  WHERE fi.inhparent = %(oid)s AND NOT fi.inhdetachpending
+), m AS MATERIALIZED (
   SELECT ch.*,
          pg_catalog.regexp_match(bound, '^FOR VALUES FROM \\((.*)\\) TO \\((.*)\\)$') AS m
   FROM ch
-), v AS (
+), v AS MATERIALIZED (
   SELECT m.*,
     CASE WHEN m.m[1] IS NULL OR m.m[1] = 'MINVALUE' THEN NULL
          ELSE pg_catalog.replace(pg_catalog.substr(m.m[1], 2, length(m.m[1]) - 2),
@@ -210,7 +215,7 @@ SELECT oid, nspname, relname, relkind, bound, readable, m IS NOT NULL AS ranged,
        CASE WHEN lo >= {min} AND lo <= {max} THEN lo END AS lo,
        CASE WHEN hi < {min} THEN -1 WHEN hi > {max} THEN 1 ELSE 0 END AS hi_sign,
        CASE WHEN hi >= {min} AND hi <= {max} THEN hi END AS hi,
-       {fp} AS children_fingerprint
+       {fp} AS children_fingerprint, key
 FROM v
 ORDER BY relname
 """
@@ -231,6 +236,7 @@ def _children_sql(kind: PartitionKind) -> sql.Composed:
         min=sql.SQL(lo),
         max=sql.SQL(hi),
         fp=sql.SQL(_CHILDREN_FP).format(oid=sql.SQL("%(oid)s")),
+        key=sql.SQL(_CHILD_KEY),
     )
 
 
@@ -294,16 +300,17 @@ def describe_table(conn: psycopg.Connection, name: QualifiedName, column: str) -
 
 def _child(parent: QualifiedName, kind: PartitionKind, row: Sequence[Any]) -> Child | None:
     (oid, schema, rel, relkind, bound, readable, is_range, lo_sign, lo, hi_sign, hi) = row[:11]
+    key = row[12]
     name = QualifiedName(schema, rel)
     if bound == "DEFAULT":
-        return Child(name, True, relkind == "r", None, None, oid, relkind, readable)
+        return Child(name, True, relkind == "r", None, None, oid, relkind, readable, key)
     if not is_range:
         raise CatalogError(f"cannot read the bound of partition {name} of {parent}: {bound!r}")
     if lo_sign > 0 or hi_sign < 0:
         return None  # wholly outside the days a Python date can name: never covers one
     return Child(
         name, False, relkind == "r", lo if lo_sign == 0 else None, hi if hi_sign == 0 else None,
-        oid, relkind, readable,
+        oid, relkind, readable, key,
     )  # fmt: skip
 
 
@@ -464,10 +471,14 @@ SELECT (SELECT c.oid FROM pg_catalog.pg_class c
         JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
         WHERE n.nspname = %(schema)s AND c.relname = %(name)s),
        {columns_fp},
-       {children_fp},
+       (SELECT {key} FROM pg_catalog.pg_inherits fi
+        JOIN pg_catalog.pg_class fc ON fc.oid = fi.inhrelid
+        WHERE fi.inhrelid = %(child)s AND fi.inhparent = %(oid)s AND NOT fi.inhdetachpending),
+       CASE WHEN %(all_children)s THEN {children_fp} END,
        {settings}
 """).format(
     columns_fp=sql.SQL(_COLUMNS_FP).format(oid=sql.SQL("%(oid)s")),
+    key=sql.SQL(_CHILD_KEY),
     children_fp=sql.SQL(_CHILDREN_FP).format(oid=sql.SQL("%(oid)s")),
     settings=sql.SQL(", ").join(
         sql.SQL("pg_catalog.current_setting({})").format(sql.Literal(k)) for k in PINNED_SETTINGS
@@ -562,16 +573,28 @@ def lock_plan(
             if error is None:
                 locked.update(targets[1:])
 
-        # Round trip 3: takes the snapshot.
+        # Round trip 3: takes the snapshot. Costs the same whatever the number of children,
+        # except for a parent_filter day of a table ranged on the column, which depends on
+        # which children overlap the day.
+        child = next((c for c in info.children if c.name == plan.relation), None)
+        all_children = plan.strategy == "parent_filter" and info.ranged_on_column
         row = cur.execute(
-            _VERIFY_SQL, {"schema": info.name.schema, "name": info.name.name, "oid": info.oid}
+            _VERIFY_SQL,
+            {
+                "schema": info.name.schema,
+                "name": info.name.name,
+                "oid": info.oid,
+                "child": child.oid if child else None,
+                "all_children": all_children,
+            },
         ).fetchone()
         assert row is not None
-        check_settings(tuple(row[3:]))
+        check_settings(tuple(row[4:]))
         unchanged = (
             row[0] == info.oid
             and row[1] == info.columns_fingerprint
-            and (not info.ranged_on_column or row[2] == info.children_fingerprint)
+            and (child is None or row[2] == child.key)
+            and (not all_children or row[3] == info.children_fingerprint)
         )
         if unchanged and len(locked) == len(targets):
             return plan

@@ -69,11 +69,13 @@ def _escape_option(value: str) -> str:
     return value.replace("\\", "\\\\").replace(" ", "\\ ")
 
 
-def session_options(statement_timeout_s: float = 0) -> str:
+def session_options(statement_timeout_s: float = 0, lock_timeout_s: float = 0) -> str:
     """The `-c name=value …` string for libpq's startup `options`."""
     settings = dict(PINNED_SETTINGS)
     if statement_timeout_s:
         settings["statement_timeout"] = str(int(statement_timeout_s * 1000))
+    if lock_timeout_s:
+        settings["lock_timeout"] = str(max(1, int(lock_timeout_s * 1000)))
     return " ".join(f"-c {k}={_escape_option(v)}" for k, v in settings.items())
 
 
@@ -89,15 +91,21 @@ def _user_options(conninfo: str) -> str:
 
 
 def connect_kwargs(
-    connect_timeout_s: float, statement_timeout_s: float, conninfo: str = ""
+    connect_timeout_s: float,
+    statement_timeout_s: float,
+    conninfo: str = "",
+    *,
+    lock_timeout_s: float = 0,
 ) -> dict[str, object]:
     """Keyword arguments for `psycopg.connect(conninfo, **kwargs)` / the pool's `kwargs`.
 
     Passing `options` replaces any `options` in the conninfo (and PGOPTIONS), so pass the
     conninfo here to keep the user's own options (e.g. a Neon `endpoint=` id); for the same
-    setting ours win because later `-c` options override earlier ones.
+    setting ours win because later `-c` options override earlier ones. `lock_timeout_s`
+    bounds every lock wait of the session (e.g. the load-time catalog read, which briefly
+    locks each partition to read its bounds); 0 leaves the server's setting.
     """
-    options = session_options(statement_timeout_s)
+    options = session_options(statement_timeout_s, lock_timeout_s)
     user = _user_options(conninfo)
     return {
         "application_name": APPLICATION_NAME,
