@@ -439,13 +439,13 @@ def _timeout_error(
     try:
         held = conn.execute(
             """
-            SELECT n.nspname, c.relname, l.mode, l.pid
+            SELECT n.nspname, c.relname, l.granted, l.pid
             FROM pg_catalog.pg_locks l
             JOIN pg_catalog.pg_class c ON c.oid = l.relation
             JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-            WHERE l.granted AND l.pid <> pg_catalog.pg_backend_pid()
-              AND l.mode IN ('AccessExclusiveLock', 'ExclusiveLock')
+            WHERE l.mode = 'AccessExclusiveLock' AND l.pid <> pg_catalog.pg_backend_pid()
               AND (n.nspname, c.relname) IN (SELECT * FROM unnest(%s::text[], %s::text[]))
+            ORDER BY l.granted DESC
             LIMIT 1
             """,
             ([t.name.schema for t in targets], [t.name.name for t in targets]),
@@ -454,7 +454,8 @@ def _timeout_error(
         held = None
     if held:
         relation = QualifiedName(held[0], held[1])
-        by = f"; {held[2]} is held by backend pid {held[3]}"
+        how = "held" if held[2] else "queued for"
+        by = f"; an ACCESS EXCLUSIVE lock on it is {how} by backend pid {held[3]}"
     else:
         relation, by = targets[0].name, ""
     return LockTimeoutError(
