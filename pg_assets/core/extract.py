@@ -51,20 +51,11 @@ from pg_assets.core.planner import (
     lock_plan,
     plan_day,
 )
+from pg_assets.core.session import PINNED_SETTINGS
 from pg_assets.sinks.base import Published, Sink, StagingFile
 
 MANIFEST_VERSION = 2
 HISTORY_KEPT = 20
-# Settings that change COPY's text output, recorded in every manifest as the session had them.
-OUTPUT_SETTINGS = (
-    "DateStyle",
-    "TimeZone",
-    "IntervalStyle",
-    "extra_float_digits",
-    "bytea_output",
-    "lc_monetary",
-    "client_encoding",
-)
 
 
 class ExtractionError(RuntimeError):
@@ -178,16 +169,15 @@ def _history(previous: dict[str, Any] | None) -> list[dict[str, Any]]:
     return [entry, *previous.get("history", [])][:HISTORY_KEPT]
 
 
-def _snapshot_and_settings(conn: psycopg.Connection) -> tuple[dict[str, str], dict[str, str]]:
-    settings = ", ".join(f"current_setting('{s}')" for s in OUTPUT_SETTINGS)
+def _snapshot(conn: psycopg.Connection) -> dict[str, str]:
+    """The transaction's exact snapshot, and a WAL position above every commit it sees."""
     row = conn.execute(
-        "SELECT pg_current_snapshot()::text,"  # noqa: S608 - constant setting names only
+        "SELECT pg_current_snapshot()::text,"
         " CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn()"
-        f" ELSE pg_current_wal_insert_lsn() END::text, {settings}"
+        " ELSE pg_current_wal_insert_lsn() END::text"
     ).fetchone()
     assert row is not None
-    snapshot = {"txid_snapshot": row[0], "lsn_upper_bound": row[1]}
-    return snapshot, dict(zip(OUTPUT_SETTINGS, row[2:], strict=True))
+    return {"txid_snapshot": row[0], "lsn_upper_bound": row[1]}
 
 
 def _committed(sink: Sink, relpath: str, body: bytes) -> bool:
@@ -288,8 +278,11 @@ def _extract_locked(
     try:
         staging = sink.open_staging(run_id, data_rel, codec.content_type)
         with conn.transaction():  # REPEATABLE READ, READ ONLY (the pool configures it)
+            # first thing: locks before the snapshot, then the plan re-checked in it (and the
+            # session's pinned settings verified)
             plan = lock_plan(conn, info, plan_day(info, day, timezone), lock_timeout_s)
-            snapshot, settings = _snapshot_and_settings(conn)
+            info = plan.info
+            snapshot = _snapshot(conn)
             with conn.cursor() as cur:
                 stats = stream_copy(
                     cur, plan.statement, staging, codec.compressor(level), block_size=block_size
@@ -324,7 +317,7 @@ def _extract_locked(
             "timezone": timezone,
             "bounds": {"lower": _jsonable(plan.lower), "upper": _jsonable(plan.upper)},
             "snapshot": snapshot,
-            "session": settings,
+            "session": dict(PINNED_SETTINGS),
             "extracted_at": dt.datetime.now(dt.UTC).isoformat(),
             "seconds": round(stats.seconds, 3),
             "run_id": run_id,
@@ -443,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
     from pg_assets.core.session import connect_kwargs
 
     try:
-        with psycopg.connect(conninfo, **connect_kwargs(10, 0)) as conn:
+        with psycopg.connect(conninfo, **connect_kwargs(10, 0, conninfo)) as conn:
             conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
             conn.read_only = True
             result = extract_day(
