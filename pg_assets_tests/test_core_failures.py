@@ -14,6 +14,7 @@ from pg_assets.core.compression import get_codec
 from pg_assets.core.extract import ExtractionError, extract_day
 from pg_assets.core.identifiers import QualifiedName
 from pg_assets.core.layout import daily_paths
+from pg_assets.core.session import connect_kwargs
 from pg_assets.dev.demo_data import create_daily_partitioned
 from pg_assets.sinks.local import LocalSink, LocalStagingFile
 
@@ -46,7 +47,7 @@ class FullDisk(LocalSink):
 
 
 def extract(conninfo: str, sink: LocalSink, run_id: str):
-    with psycopg.connect(conninfo, application_name="pg_assets") as conn:
+    with psycopg.connect(conninfo, **connect_kwargs(10, 0, conninfo)) as conn:
         conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
         conn.read_only = True
         return extract_day(
