@@ -105,9 +105,7 @@ def _types(
     unknown = set(as_text) - set(seen)
     if days and unknown:
         raise ReadError(f"table {days[0].table}: as_text names no column {sorted(unknown)}")
-    types = {
-        n: (text_type(t) if n in as_text else column_type(t)) for n, (t, _) in seen.items()
-    }
+    types = {n: (text_type(t) if n in as_text else column_type(t)) for n, (t, _) in seen.items()}
     return types, (days[0].table if days else "")
 
 
@@ -224,15 +222,11 @@ def read_batches(
     """The committed days of `table` in [start, end] as a stream of typed record batches,
     day after day, oldest first; memory holds one block (`block_size` bytes of CSV) of one
     day at a time. The schema is known before the first batch (from the manifests)."""
-    sink, days, types, schema = _plan(
-        bronze, source, table, start, end, as_text, day_column, adls
-    )
+    sink, days, types, schema = _plan(bronze, source, table, start, end, as_text, day_column, adls)
 
     def batches() -> Iterator[pa.RecordBatch]:
         for day in days:
-            yield from _read_day(
-                sink, day, types, schema, verify=verify, block_size=block_size
-            )
+            yield from _read_day(sink, day, types, schema, verify=verify, block_size=block_size)
 
     return pa.RecordBatchReader.from_batches(schema, batches())
 

@@ -36,6 +36,7 @@ class CommittedDay:
     table: str  # the quoted display name, as in errors
     day: dt.date
     data: str  # relpath of the data file under the Bronze root
+    uri: str  # the data file's full URI (file:///… or abfss://…), for Spark or DuckDB
     manifest: Mapping[str, Any]
 
     @property
@@ -133,7 +134,8 @@ def _committed(sink: Sink, name: QualifiedName, day: dt.date, rel: str) -> Commi
         raise ReadError(f"{where}: manifest {rel} does not describe a data file of this day")
     if "columns" not in manifest or "rows" not in manifest:
         raise ReadError(f"{where}: manifest {rel} has no columns/rows")
-    return CommittedDay(str(name), day, f"{rel.rsplit('/', 1)[0]}/{file}", manifest)
+    data = f"{rel.rsplit('/', 1)[0]}/{file}"
+    return CommittedDay(str(name), day, data, sink.uri(data), manifest)
 
 
 def read_chunks(sink: Sink, relpath: str) -> Iterator[bytes]:
@@ -220,7 +222,9 @@ class DecompressedStream(io.RawIOBase):
                 self._d = self._decompressor()
             if self._codec == "gzip":
                 out = self._d.decompress(self._pending, CHUNK)
-                self._pending = self._d.unconsumed_tail or (self._d.unused_data if self._d.eof else b"")
+                self._pending = self._d.unconsumed_tail or (
+                    self._d.unused_data if self._d.eof else b""
+                )
             else:
                 out = self._d.decompress(self._pending)
                 self._pending = self._d.unused_data if self._d.eof else b""
