@@ -184,6 +184,22 @@ def _read_day(
             yield held
 
 
+# The settings the parsers rely on (pg_assets pins them on every connection); a manifest
+# without `session` predates the record and was written with them too.
+_SESSION = {"DateStyle": ("ISO",), "bytea_output": ("hex",), "client_encoding": ("UTF8",)}
+
+
+def _check_session(day: CommittedDay) -> None:
+    session = day.manifest.get("session") or {}
+    for setting, allowed in _SESSION.items():
+        value = session.get(setting)
+        if value is not None and not str(value).startswith(allowed):
+            raise ReadError(
+                f"{day.where}: written with {setting}={value}, the typed reader reads "
+                f"{setting}={allowed[0]} output only; read it with a recipe (text)"
+            )
+
+
 def _plan(
     bronze: str | Sink,
     source: str,
@@ -196,6 +212,8 @@ def _plan(
 ) -> tuple[Sink, list[CommittedDay], dict[str, ColumnType], pa.Schema]:
     sink = as_sink(bronze, adls)
     days = committed_days(sink, source, table, start=start, end=end)
+    for day in days:
+        _check_session(day)
     types, display = _types(days, as_text)
     if day_column in types:
         raise ReadError(
