@@ -425,6 +425,10 @@ def test_verify_detects_a_changed_data_file(bronze, tmp_path):
     path.write_bytes(gzip.compress(b"".join(rows[:-1])))  # a row lost
     with pytest.raises(read.ReadError, match="rows"):
         read.read_table(str(root), SOURCE, ORDERS, start=DAYS[0], end=DAYS[0])
+    path.write_bytes(gzip.compress(b"".join(rows))[:-100])  # cut short
+    with pytest.raises(read.ReadError, match="truncated") as e:
+        read.read_table(str(root), SOURCE, ORDERS, start=DAYS[0], end=DAYS[0])
+    assert "rt.orders" in str(e.value) and "2026-10-24" in str(e.value)
 
 
 def test_typed_reader_over_adls(tables, adls, project, pg_conninfo):

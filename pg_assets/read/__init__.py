@@ -146,6 +146,22 @@ def _read_day(
             f"{day.where}: the header {reader.schema.names} differs from the manifest's "
             f"columns {names}"
         )
+    try:
+        yield from _typed_batches(reader, stream, day, names, types, schema, verify=verify)
+    finally:
+        reader.close()  # also when the consumer stops early: no reader thread left behind
+
+
+def _typed_batches(
+    reader: Any,
+    stream: DecompressedStream,
+    day: CommittedDay,
+    names: list[str],
+    types: Mapping[str, ColumnType],
+    schema: pa.Schema,
+    *,
+    verify: bool,
+) -> Iterator[pa.RecordBatch]:
     rows = 0
     held: pa.RecordBatch | None = None  # with verify, the last batch waits for the digest
     while True:

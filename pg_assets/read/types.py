@@ -138,6 +138,10 @@ def parse_bytea(text: str) -> bytes:
     return bytes.fromhex(text[2:])
 
 
+_ELEMENT = re.compile(r'"((?:[^"\\]|\\.)*)"|([^",{}]*)', re.S)
+_UNESCAPE = re.compile(r"\\(.)", re.S)
+
+
 def parse_array(text: str) -> list[str | None]:
     """A one-dimensional PostgreSQL array literal → its elements as text (None for NULL).
 
@@ -145,42 +149,38 @@ def parse_array(text: str) -> list[str | None]:
     holds a delimiter, brace, quote, backslash or white space; inside quotes `"` and `\\`
     are backslash-escaped. An unquoted NULL is SQL NULL, a quoted "NULL" is the text NULL.
     """
-    if not text.startswith("{"):
-        raise ParseError(
-            f"{text[:40]!r}: arrays with explicit bounds ([lo:hi]={{...}}) have no list form"
-        )
-    if not text.endswith("}"):
+    if not (text.startswith("{") and text.endswith("}")):
+        if text.startswith("["):
+            raise ParseError(
+                f"{text[:40]!r}: an array with explicit bounds ([lo:hi]={{...}}) has no list "
+                "form; read the column as text"
+            )
         raise ParseError(f"{text[:40]!r} is not a PostgreSQL array literal")
+    inner = text[1:-1]
+    if not inner:
+        return []
+    if '"' not in inner and "{" not in inner:  # nothing quoted: split (the common case)
+        return [None if item == "NULL" else item for item in inner.split(",")]
     out: list[str | None] = []
-    i, n = 1, len(text) - 1
-    if n == 1:
-        return out
+    i, n = 0, len(inner)
     while True:
-        if text[i] == "{":
+        m = _ELEMENT.match(inner, i)
+        assert m is not None  # the pattern matches the empty string
+        quoted, plain = m.groups()
+        if quoted is not None:
+            out.append(_UNESCAPE.sub(r"\1", quoted) if "\\" in quoted else quoted)
+        elif inner.startswith("{", i):
             raise ParseError(
                 f"{text[:40]!r}: a multi-dimensional array has no list<...> form; read the "
                 "column as text"
             )
-        if text[i] == '"':
-            i += 1
-            buf = []
-            while text[i] != '"':
-                if text[i] == "\\":
-                    i += 1
-                buf.append(text[i])
-                i += 1
-            out.append("".join(buf))
-            i += 1
         else:
-            j = text.find(",", i)
-            j = n if j < 0 else j
-            item = text[i:j]
-            out.append(None if item == "NULL" else item)
-            i = j
+            out.append(None if plain == "NULL" else plain)
+        i = m.end()
         if i == n:
             return out
-        if text[i] != ",":
-            raise ParseError(f"{text[:40]!r}: unexpected {text[i]!r} at position {i}")
+        if inner[i] != ",":
+            raise ParseError(f"{text[:40]!r}: unexpected {inner[i]!r} at position {i + 1}")
         i += 1
 
 
