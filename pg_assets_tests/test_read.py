@@ -491,3 +491,24 @@ def test_silver_asset_built_from_bronze(bronze, db):
         raise_on_error=False,
     )  # fmt: skip
     assert not missing.success
+
+
+@pytest.mark.parametrize(
+    "zone", ["UTC", "Asia/Kolkata", "America/St_Johns", "Europe/Amsterdam", "Pacific/Chatham"]
+)
+def test_timestamptz_text_in_any_zone(db, zone):
+    """The manifest records the session's TimeZone; a day written in another zone prints
+    offsets such as +05:30, -03:30 or local mean time's +00:19:32 (Amsterdam, 1900). Both
+    the vectorised cast and the exact parser give PostgreSQL's own instant."""
+    db.execute(sql.SQL("SET TimeZone = {}").format(sql.Literal(zone)))
+    rows = db.execute(
+        "SELECT t::text, (extract(epoch from t) * 1000000)::numeric(30,0) FROM (VALUES"
+        " ('1900-01-01 00:00:00+00'::timestamptz), ('2026-03-29 01:30:00.123456+00'),"
+        " ('2026-10-25 00:59:59.999999+00'), ('0044-03-15 12:00:00+00 BC'),"
+        " ('12345-06-07 01:02:03+00'), ('1969-12-31 23:59:59.5+00')) v(t)"
+    ).fetchall()
+    texts, micros = [r[0] for r in rows], [int(r[1]) for r in rows]
+    assert [read.types.parse_timestamp(t) for t in texts] == micros
+    convert = read.column_type("timestamp with time zone").convert
+    assert convert(pa.array(texts[1:3])).cast(pa.int64()).to_pylist() == micros[1:3]  # fast path
+    assert convert(pa.array(texts)).cast(pa.int64()).to_pylist() == micros  # per value

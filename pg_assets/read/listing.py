@@ -22,7 +22,7 @@ from pg_assets.core.layout import MANIFEST, table_folder
 from pg_assets.sinks.base import Sink
 
 CHUNK = 1 << 20
-_DAY_MANIFEST = re.compile(r"/date=(\d{4}-\d\d-\d\d)/" + re.escape(MANIFEST) + "$")
+_DAY_MANIFEST = re.compile(r"date=(\d{4}-\d\d-\d\d)/" + re.escape(MANIFEST))
 
 
 class ReadError(RuntimeError):
@@ -107,8 +107,8 @@ def committed_days(
     folder = table_folder(source, name)
     days = []
     for rel in sink.list_files(folder):
-        m = _DAY_MANIFEST.search(rel)
-        if not m or rel != f"{folder}/date={m[1]}/{MANIFEST}":
+        m = _DAY_MANIFEST.fullmatch(rel.removeprefix(f"{folder}/"))
+        if not m:  # a data file (committed or not), or anything else: not a day
             continue
         day = dt.date.fromisoformat(m[1])
         if (first and day < first) or (last and day > last):
