@@ -338,6 +338,8 @@ def test_typed_reader_gives_what_postgres_holds(bronze, pg_conninfo):
         assert table.schema.field(name).type == arrow_type, name
     # ORPHAN_DAY's rows and the stale version beside DAYS[1] are not read
     assert_typed_matches_postgres(table, pg_conninfo, KINDS, DAYS, session(root, KINDS))
+    for column, infinite in [("dd", 2), ("ts", 2), ("ts3", 1), ("tstz", 2)]:  # per day
+        assert sum(map(read.is_infinity, table.column(column))) == infinite * len(DAYS)
 
 
 def test_typed_reader_orders_day_range_and_whole_table(bronze, pg_conninfo):
