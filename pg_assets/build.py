@@ -3,6 +3,7 @@
 from dagster import Definitions
 
 from pg_assets.assets.daily import asset_key, build_daily_asset
+from pg_assets.assets.silver_demo import demo_silver_assets
 from pg_assets.catalog import resolve_tables
 from pg_assets.config import ConfigError, ProjectConfig
 from pg_assets.resources.bronze import BronzeResource
@@ -36,7 +37,7 @@ def build_definitions(config: ProjectConfig) -> Definitions:
         keys[k] = r.config.table
     assets = [build_daily_asset(config, r) for r in resolved]
     return Definitions(
-        assets=assets,
+        assets=[*assets, *demo_silver_assets(config, assets)],
         schedules=[build_daily_schedule(a) for a in assets],
         resources=build_resources(config),
     )
