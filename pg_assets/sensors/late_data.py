@@ -118,8 +118,11 @@ def read_manifests(
     def one(day: dt.date) -> dict[str, Any] | None:
         return read_manifest(sink, daily_paths(checks.source, checks.table.name, day).manifest)
 
-    with ThreadPoolExecutor(MANIFEST_READERS, thread_name_prefix="pg_assets-manifest") as pool:
+    pool = ThreadPoolExecutor(MANIFEST_READERS, thread_name_prefix="pg_assets-manifest")
+    try:
         found = list(pool.map(one, days, timeout=MANIFEST_TIMEOUT_S))
+    finally:  # on a timeout, do not wait for stragglers (each is bounded by the sink's timeout)
+        pool.shutdown(wait=False, cancel_futures=True)
     return {d: m for d, m in zip(days, found, strict=True) if m is not None}
 
 
@@ -230,14 +233,21 @@ def build_late_data_sensor(
         if window is None:
             return SkipReason(f"table {table.name}: no closed day since {resolved.start}")
         first, last = window
-        sink = bronze.get_sink()
-        manifests = read_manifests(sink, checks, first, last)
+        where = f"table {table.name}, days {first}..{last}"
+        try:
+            sink = bronze.get_sink()
+            manifests = read_manifests(sink, checks, first, last)
+        except Exception as e:
+            raise RuntimeError(f"{where}: reading the manifests from Bronze failed: {e}") from e
         read_s = time.perf_counter() - started
-        with postgres.connection() as conn:
-            changes, counts = find_changes(conn, checks, manifests, first, last)
+        try:
+            with postgres.connection() as conn:
+                changes, _ = find_changes(conn, checks, manifests, first, last)
+        except Exception as e:
+            raise RuntimeError(f"{where}: re-counting the days in PostgreSQL failed: {e}") from e
         took = time.perf_counter() - started
         summary = (
-            f"table {table.name}, {first}..{last}: {len(manifests)} day(s) in Bronze, "
+            f"{where}: {len(manifests)} day(s) in Bronze, "
             f"{len(changes)} changed (manifests {read_s:.2f} s, total {took:.2f} s)"
         )
         context.log.info(summary)
