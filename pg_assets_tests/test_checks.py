@@ -22,6 +22,7 @@ import requests
 import yaml
 from dagster import (
     AssetCheckKey,
+    AssetKey,
     AssetSelection,
     BackfillPolicy,
     DagsterInstance,
@@ -466,3 +467,83 @@ def test_freshness_fails_until_yesterday_is_materialized(env):
     assert ev["success"] and f"partition {CHILDLESS}" in ev["description"]
     sensor = env.sensor("checks__freshness")
     assert sensor.default_status == DefaultSensorStatus.STOPPED
+
+
+# -- ranged runs whose asset yields no output ------------------------------------------------
+
+
+def test_an_asset_without_output_reports_each_days_checks_itself(env):
+    """An asset that yields one AssetMaterialization per day and no output (ranged runs,
+    `output_required=False`) makes Dagster skip the separate check step. Such an asset yields
+    `day_check_evaluations` after each day instead; each day then carries its own results."""
+    from dagster import AssetMaterialization, DailyPartitionsDefinition, asset
+
+    from pg_assets.checks import day_check_evaluations, day_checks_for
+    from pg_assets.core.extract import extract_day
+    from pg_assets.resources.bronze import BronzeResource
+    from pg_assets.resources.postgres import PostgresResource
+
+    table = env.config.tables[1]  # chk.fresh
+    real = env.asset(FRESH_KEY)
+    partitions = DailyPartitionsDefinition(start_date=DAYS[4].isoformat())
+
+    @asset(key=real.key, partitions_def=partitions, output_required=False,
+           backfill_policy=BackfillPolicy.multi_run(10))  # fmt: skip
+    def ranged(context, postgres: PostgresResource, bronze: BronzeResource):
+        sink = bronze.get_sink()
+        checks = day_checks_for(env.config, table, context.asset_key)
+        for key in context.partition_keys:
+            day = dt.date.fromisoformat(key)
+            with postgres.connection() as conn:
+                extract_day(conn, source="checks", table=table.name, column=table.column,
+                            day=day, timezone="UTC", sink=sink, codec=bronze.get_codec(),
+                            level=1, run_id=context.run_id)  # fmt: skip
+            yield AssetMaterialization(asset_key=context.asset_key, partition=key)
+            yield from day_check_evaluations(checks, [day], sink=sink, postgres=postgres,
+                                             instance=context.instance)  # fmt: skip
+
+    with DagsterInstance.ephemeral() as instance:
+        result = materialize(
+            [ranged, env.day_checks(FRESH_KEY)], instance=instance,
+            resources=build_resources(env.config),
+            tags={ASSET_PARTITION_RANGE_START_TAG: DAYS[4].isoformat(),
+                  ASSET_PARTITION_RANGE_END_TAG: DAYS[5].isoformat()},
+        )  # fmt: skip
+        assert result.success
+        skipped = [e.step_key for e in result.all_events if e.event_type_value == "STEP_SKIPPED"]
+        assert skipped == ["checks__chk__fresh__checks"]
+        infos = instance.event_log_storage.get_asset_check_partition_info(
+            [AssetCheckKey(real.key, n) for n in CHECK_NAMES]
+        )
+    got = {(i.check_key.name, i.partition_key): i.latest_execution_status.value for i in infos}
+    assert got == {(n, d.isoformat()): "SUCCEEDED" for n in CHECK_NAMES for d in DAYS[4:]}
+
+
+def test_hashed_recount_falls_back_to_counting_when_it_runs_out_of_time(pg_conninfo, tmp_path):
+    from pg_assets.checks import day_checks_for
+    from pg_assets.sensors.late_data import find_changes
+    from pg_assets_tests.conftest import write_config
+
+    days = [dt.date(2026, 8, 1) + dt.timedelta(days=n) for n in range(3)]
+    with psycopg.connect(pg_conninfo, autocommit=True) as c:
+        create_daily_partitioned(c, "chkslow", "orders", days, 40_000)
+    config = write_config(
+        tmp_path / "c.yaml",
+        [{"table": "chkslow.orders", "partition_column": "order_date", "start": "2026-08-01"}],
+        checks={"content_hash": True},
+    )
+    checks = day_checks_for(config, config.tables[0], AssetKey(["chkslow"]))
+    columns = [{"name": n, "type": "x"} for n in (
+        "id", "order_date", "created_at", "customer_id", "amount", "status", "attrs", "tags",
+        "note")]  # fmt: skip
+    # manifests with the right counts and a content hash that no longer matches
+    manifests = {d: {"rows": 40_000, "columns": columns, "sha256": "s",
+                     "content_hash": {"value": "1"}} for d in days}  # fmt: skip
+    with psycopg.connect(pg_conninfo) as conn:
+        full = find_changes(conn, checks, manifests, days[0], days[-1])
+        assert full.hashed and full.note == ""
+        assert [c.day for c in full.changes] == days  # the hash sees the difference
+        hurried = find_changes(conn, checks, manifests, days[0], days[-1], hash_timeout_s=0.001)
+    assert not hurried.hashed and hurried.changes == []  # counted only: the counts agree
+    assert hurried.note.startswith(f"content hash of {days[0]}..{days[-1]} not compared")
+    assert {d: c.rows for d, c in hurried.counts.items()} == dict.fromkeys(days, 40_000)
