@@ -326,6 +326,12 @@ def test_late_rows_reopen_exactly_their_days_until_rematerialized(env, db):
     again = env.tick(name, data.cursor)
     assert again.run_requests == [] and again.asset_events == []
 
+    # the check itself, run on its own, finds the same
+    assert env.run(ORDERS_KEY, DAYS[1], checks_only=True).success
+    own = latest(env, ORDERS_KEY, "matches_source", DAYS[1])
+    assert own["runId"] and not own["success"]
+    assert "PostgreSQL now has 401 rows, Bronze has 400" in own["description"]
+
     # the requested runs, executed: Bronze catches up, the manifest keeps what it replaced
     old = env.manifest(ORDERS, DAYS[1])
     for request in data.run_requests:
@@ -547,3 +553,25 @@ def test_hashed_recount_falls_back_to_counting_when_it_runs_out_of_time(pg_conni
     assert not hurried.hashed and hurried.changes == []  # counted only: the counts agree
     assert hurried.note.startswith(f"content hash of {days[0]}..{days[-1]} not compared")
     assert {d: c.rows for d, c in hurried.counts.items()} == dict.fromkeys(days, 40_000)
+
+
+def test_freshness_deadline_is_in_each_tables_time_zone(env):
+    from pg_assets.checks import build_freshness
+    from pg_assets.config import ProjectConfig
+
+    raw = env.config.model_dump(mode="json", exclude={"path"}, exclude_unset=True)
+    raw["tables"][1] |= {"timezone": "Europe/Berlin", "checks": {"freshness_deadline": "06:30"}}
+    raw["tables"][0]["checks"] = {"freshness_deadline": "23:05"}
+    config = ProjectConfig.model_validate(raw)
+    pairs = [(t, env.asset(k)) for t, k in zip(config.tables, (ORDERS_KEY, FRESH_KEY), strict=True)]
+    checks, sensors = build_freshness(config, pairs)
+    params = {}
+    for c in checks:
+        for spec in c.check_specs:
+            params[spec.asset_key.path[-1]] = spec.metadata["dagster/freshness_params"].value
+    assert params == {
+        "orders": {"timezone": "UTC", "deadline_cron": "5 23 * * *"},
+        "fresh": {"timezone": "Europe/Berlin", "deadline_cron": "30 6 * * *"},
+    }
+    (sensor,) = sensors
+    assert sensor.name == "checks__freshness" and sensor.minimum_interval_seconds == 120
