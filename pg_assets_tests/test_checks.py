@@ -575,3 +575,25 @@ def test_freshness_deadline_is_in_each_tables_time_zone(env):
     }
     (sensor,) = sensors
     assert sensor.name == "checks__freshness" and sensor.minimum_interval_seconds == 120
+
+
+def test_a_check_that_cannot_reach_postgres_fails_naming_the_day_not_the_secret(env, monkeypatch):
+    monkeypatch.setenv("CHK_BAD_CONNINFO", "host=127.0.0.1 port=1 user=u password=s3kr1t dbname=x")
+    config = env.config.model_copy(
+        update={"postgres": env.config.postgres.model_copy(
+            update={"conninfo_env": "CHK_BAD_CONNINFO", "connect_timeout_s": 2})}
+    )  # fmt: skip
+    result = materialize(
+        [env.asset(ORDERS_KEY), env.day_checks(ORDERS_KEY)],
+        selection=AssetSelection.checks(AssetCheckKey(env.asset(ORDERS_KEY).key, "matches_source")),
+        resources=build_resources(config), instance=env.instance, raise_on_error=False,
+        tags={ASSET_PARTITION_RANGE_START_TAG: DAYS[0].isoformat(),
+              ASSET_PARTITION_RANGE_END_TAG: DAYS[0].isoformat()},
+    )  # fmt: skip
+    assert not result.success
+    (failure,) = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+    message = failure.step_failure_data.error.message
+    assert f"table chk.orders, partition {DAYS[0]}: counting the day in PostgreSQL failed" in (
+        message
+    )
+    assert "s3kr1t" not in str(failure.step_failure_data.error.to_string())

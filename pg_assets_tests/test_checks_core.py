@@ -5,6 +5,7 @@ hashes agree with extraction on every plan; one grouped query counts a window ex
 import datetime as dt
 import gzip
 import random
+import re
 
 import psycopg
 import pytest
@@ -316,3 +317,40 @@ def test_schema_diff_names_added_dropped_and_retyped_columns():
     d = schema_diff(before, after)
     assert d.describe() == "added c (jsonb); dropped a (text); retyped b (integer → bigint)"
     assert not schema_diff(before, before).changed
+
+
+# -- settings --------------------------------------------------------------------------------
+
+
+def test_checks_settings_merge_per_table_and_errors_name_the_key(tmp_path):
+    from pg_assets.config import ConfigError, load_config
+
+    path = tmp_path / "c.yaml"
+    base = "source: s\nbronze: {root: /tmp/b}\n"
+    path.write_text(base + "checks: {window_days: 10, content_hash: true}\ntables:\n"
+                    "  - {table: a.b, partition_column: d, checks: {late_data: warn}}\n"
+                    "  - {table: a.c, partition_column: d}\n")  # fmt: skip
+    cfg = load_config(path)
+    first, second = (cfg.checks_for(t) for t in cfg.tables)
+    assert (first.late_data, first.window_days, first.content_hash) == ("warn", 10, True)
+    assert (second.late_data, second.window_days) == ("rematerialize", 10)
+    assert first.freshness_deadline == dt.time(6, 0) and first.enabled
+    # checks never change what lands, so they leave the asset's code version alone
+    path.write_text(base + "tables: [{table: a.b, partition_column: d}]\n")
+    assert load_config(path).tables[0].fingerprint(cfg.bronze) == cfg.tables[0].fingerprint(
+        cfg.bronze
+    )
+    for bad, message in [
+        ("checks: {late_data: sometimes}", "key 'checks.late_data': Input should be"),
+        ("checks: {window_days: 0}", "key 'checks.window_days': Input should be greater"),
+        ("checks: {freshness_deadline: 6:30}", "key 'checks.freshness_deadline': 390 is not a"),
+        ("checks: {windows_days: 3}", "key 'checks.windows_days': unknown key"),
+    ]:
+        path.write_text(base + bad + "\ntables: [{table: a.b, partition_column: d}]\n")
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load_config(path)
+    path.write_text(
+        base + "tables: [{table: a.b, partition_column: d, checks: {window_days: x}}]\n"
+    )
+    with pytest.raises(ConfigError, match=re.escape("table 'a.b': key 'checks.window_days'")):
+        load_config(path)
