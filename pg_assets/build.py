@@ -5,6 +5,7 @@ from dagster import Definitions
 from pg_assets.assets.daily import asset_key, build_daily_asset
 from pg_assets.assets.silver_demo import demo_silver_assets
 from pg_assets.catalog import resolve_tables
+from pg_assets.checks import build_checks
 from pg_assets.config import ConfigError, ProjectConfig
 from pg_assets.resources.bronze import BronzeResource
 from pg_assets.resources.postgres import PostgresResource
@@ -36,8 +37,11 @@ def build_definitions(config: ProjectConfig) -> Definitions:
             )
         keys[k] = r.config.table
     assets = [build_daily_asset(config, r) for r in resolved]
+    checks, sensors = build_checks(config, resolved, assets)
     return Definitions(
         assets=[*assets, *demo_silver_assets(config, assets)],
+        asset_checks=checks,
         schedules=[build_daily_schedule(a) for a in assets],
+        sensors=sensors,
         resources=build_resources(config),
     )

@@ -52,6 +52,7 @@ from pg_assets.core.planner import (
     plan_day,
 )
 from pg_assets.core.session import PINNED_SETTINGS
+from pg_assets.core.verify import DayCount, content_hash_record, count_day
 from pg_assets.sinks.base import Published, Sink, StagingFile
 
 MANIFEST_VERSION = 2
@@ -228,12 +229,15 @@ def extract_day(
     block_size: int = 4 << 20,
     info: TableInfo | None = None,
     lock_timeout_s: float = 60,
+    content_hash: bool = False,
 ) -> ExtractResult:
     """Extract, publish and commit one day of `table` on the pooled connection `conn`.
 
     `info` is the table's catalog description, read once per run by the caller (a ranged run
     plans many days from one description; `lock_plan` re-checks it inside each day's
-    snapshot). `conn` must be idle; it is left idle.
+    snapshot). `conn` must be idle; it is left idle. With `content_hash`, the day's
+    order-independent content hash is computed in the same snapshot as the COPY and stored in
+    the manifest, for the `matches_source` check to compare against later.
     """
     partition_key = day.isoformat()
     where = f"table {table}, partition {partition_key}"
@@ -244,6 +248,7 @@ def extract_day(
                 conn, where=where, source=source, table=table, column=column, day=day,
                 timezone=timezone, sink=sink, codec=codec, level=level, run_id=run_id,
                 block_size=block_size, info=info, lock_timeout_s=lock_timeout_s, paths=paths,
+                content_hash=content_hash,
             )  # fmt: skip
         except (ExtractionError, CatalogError):
             raise
@@ -268,6 +273,7 @@ def _extract_locked(
     info: TableInfo | None,
     lock_timeout_s: float,
     paths: PartitionPaths,
+    content_hash: bool = False,
 ) -> ExtractResult:
     if info is None:
         with conn.transaction():
@@ -287,6 +293,10 @@ def _extract_locked(
                 stats = stream_copy(
                     cur, plan.statement, staging, codec.compressor(level), block_size=block_size
                 )
+            hashed: DayCount | None = None
+            if content_hash:  # same snapshot as the COPY: the hash describes exactly these rows
+                names = [c.name for c in info.columns]
+                hashed = count_day(conn, plan, info.partition_column.name, names)
         # the snapshot is released: what follows waits on the lake only
         published = sink.publish(staging, data_rel, expected_size=stats.compressed_bytes)
         staging = None
@@ -323,6 +333,8 @@ def _extract_locked(
             "run_id": run_id,
             "history": _history(previous),
         }
+        if hashed is not None:
+            manifest["content_hash"] = content_hash_record(hashed)
         body = json.dumps(manifest, indent=2).encode()
         with conn.transaction():
             conn.execute("SELECT 1")  # still connected, so still holding the day's lock
