@@ -6,7 +6,9 @@ snapshot is exact."""
 import datetime as dt
 import gzip
 import json
-import threading
+import subprocess
+import sys
+import time
 
 import psycopg
 import pytest
@@ -112,28 +114,60 @@ def test_a_run_waits_for_the_day_then_fails_naming_the_holder(orders, project, d
     assert p.read_day(NAME, DAY) == before
 
 
+MATERIALIZE = """
+import json, sys
+from dagster import DagsterInstance, materialize
+from pg_assets.build import build_definitions, build_resources
+from pg_assets.config import load_config
+config = load_config(sys.argv[1])
+asset = next(a for a in build_definitions(config).assets if a.key.path[-1] == "orders")
+with DagsterInstance.ephemeral() as instance:
+    r = materialize([asset], partition_key=sys.argv[2], resources=build_resources(config),
+                    instance=instance, raise_on_error=False)
+print(json.dumps({"success": r.success, "run_id": r.run_id}))
+"""
+
+
 def test_concurrent_runs_of_a_day_do_not_interleave(orders, project, db):
-    """Two real materializations of the same day at once: both succeed one after the other,
-    and the day ends as one of them, its manifest describing its own file."""
+    """Two real materializations of the same day, in two processes, released at the same
+    instant: they run one after the other, both succeed, and the day ends as the second,
+    its manifest describing its own file and naming the first as the version it replaced."""
     p = project([TABLE], postgres={"lock_timeout_s": 120})
-    results: list[object] = []
-    barrier = threading.Barrier(2)
-
-    def run() -> None:
-        barrier.wait(10)
-        results.append(p.materialize(DAY.isoformat()))
-
-    threads = [threading.Thread(target=run) for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(300)
-    assert len(results) == 2 and all(r.success for r in results)  # type: ignore[attr-defined]
+    key = lock_key("test", NAME, DAY)
+    with psycopg.connect(db.info.dsn, autocommit=True) as gate:
+        gate.execute("SELECT pg_advisory_lock(hashtextextended(%s, 0))", (key,))
+        runs = [
+            subprocess.Popen(
+                [sys.executable, "-c", MATERIALIZE, str(p.config.path), DAY.isoformat()],
+                stdout=subprocess.PIPE,
+                text=True,
+            )  # fmt: skip
+            for _ in range(2)
+        ]
+        deadline = time.monotonic() + 120
+        while waiting_for(db, key) < 2:  # both runs queue on the day's lock
+            assert time.monotonic() < deadline, "the runs never waited for the day's lock"
+            assert all(r.poll() is None for r in runs), "a run ended without waiting"
+            time.sleep(0.1)
+        gate.execute("SELECT pg_advisory_unlock(hashtextextended(%s, 0))", (key,))
+    outcomes = [json.loads(r.communicate(timeout=300)[0].strip().splitlines()[-1]) for r in runs]
+    assert all(o["success"] for o in outcomes)
     data, manifest = p.read_day(NAME, DAY)  # one data file, described by the manifest
-    run_ids = {r.run_id for r in results}  # type: ignore[attr-defined]
+    run_ids = {o["run_id"] for o in outcomes}
     assert manifest["run_id"] in run_ids and manifest["history"][0]["run_id"] in run_ids
+    assert manifest["run_id"] != manifest["history"][0]["run_id"]
     expected = postgres_copy(db, day_query(sql.Identifier("pub", "orders"), "order_date", DAY))
     assert gzip.decompress(data) == expected
+
+
+def waiting_for(db: psycopg.Connection, key: str) -> int:
+    """Backends waiting on the advisory lock `key`."""
+    (n,) = db.execute(
+        """SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted
+             AND ((classid::bigint << 32) | objid::bigint) = hashtextextended(%s, 0)""",
+        (key,),
+    ).fetchone()
+    return n
 
 
 # -- the snapshot ----------------------------------------------------------------------------
