@@ -76,7 +76,7 @@ def extract_partition(
             )
         staging.close()
         sink.delete(paths.manifest)
-        published = sink.publish(staging, paths.data)
+        published = sink.publish(staging, paths.data, expected_size=stats.compressed_bytes)
     except BaseException as e:
         if staging is not None:
             sink.discard(staging)
