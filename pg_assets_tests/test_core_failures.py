@@ -25,13 +25,16 @@ from pg_assets.core.identifiers import QualifiedName
 from pg_assets.core.layout import daily_paths
 from pg_assets.core.planner import describe_table, plan_day
 from pg_assets.dev.demo_data import create_daily_partitioned
+from pg_assets.sinks.adls import AdlsSink
 from pg_assets.sinks.local import LocalSink
+from pg_assets_tests.adls_server import Fault
 
 DAY = dt.date(2026, 10, 5)
 NAME = QualifiedName("corefail", "t")
 ROWS = 90_000  # ~2.4 MB of gzip: more than two 1 MiB blocks, less than three
 MIB = 1 << 20
 DEADLINE_S = 90  # the CLI must have ended by then; a hang is a timeout
+ADLS_ROOT = "abfss://bronze@devstoreaccount1.dfs.core.windows.net/lake"
 
 
 @pytest.fixture(scope="module")
@@ -41,18 +44,17 @@ def table(pg_conninfo: str) -> None:
 
 
 def run_cli(
-    root: Path, *, fsize: int | None = None, block_mib: float = 1
+    root: Path | str, *, fsize: int | None = None, block_mib: float = 1, extra: tuple = ()
 ) -> subprocess.CompletedProcess:
     """The extract CLI in its own process, optionally under a file size limit. CPython
     ignores SIGXFSZ, so a write past the limit is cut short, then fails with EFBIG."""
     args = ["-m", "pg_assets.core.extract", "--table", str(NAME), "--column", "order_date",
-            "--day", DAY.isoformat(), "--root", str(root), "--block-size-mib", str(block_mib)]  # fmt: skip
-    limit = (
-        "" if fsize is None else f"resource.setrlimit(resource.RLIMIT_FSIZE, ({fsize}, {fsize}));"
-    )
-    launcher = f"import os, resource, sys; {limit} os.execv(sys.executable, [sys.executable, *sys.argv[1:]])"
+            "--day", DAY.isoformat(), "--root", str(root), "--block-size-mib", str(block_mib),
+            *extra]  # fmt: skip
+    limit = "" if fsize is None else f"resource.setrlimit(resource.RLIMIT_FSIZE, ({fsize},) * 2);"
+    launcher = f"import os, resource, sys; {limit} os.execv(sys.executable, sys.argv[1:])"
     return subprocess.run(
-        [sys.executable, "-c", launcher, *args],
+        [sys.executable, "-c", launcher, sys.executable, *args],
         capture_output=True,
         text=True,
         timeout=DEADLINE_S,
@@ -129,6 +131,32 @@ def test_short_write_is_never_published(reference, tmp_path):
     assert "File too large" in done.stderr or "short write" in done.stderr
     assert LocalSink(root).list_files() == []
     assert not (root / "_staging").exists()
+
+
+@pytest.mark.parametrize("block", [1, 2, 3], ids=["first", "middle", "last"])
+def test_rejected_adls_append_fails_fast(block, reference, adls, db):
+    """The same through the ADLS sink: the service rejects the append of one block (400,
+    not retried); the last is sent only after the COPY has ended."""
+    assert -(-reference["compressed_bytes"] // MIB) == 3  # three 1 MiB blocks
+    AdlsSink.from_uri(ADLS_ROOT, auth="account_key", secret_env="PG_ASSETS_TEST_ADLS_KEY",
+                      endpoint=adls.url, create_filesystem=True)  # fmt: skip
+    adls_args = ("--endpoint", adls.url, "--auth", "account_key",
+                 "--secret-env", "PG_ASSETS_TEST_ADLS_KEY")  # fmt: skip
+    assert run_cli(ADLS_ROOT, extra=adls_args).returncode == 0
+    before = adls.files("bronze")
+
+    adls.faults.append(Fault("append", nth=block, status=400, code="InvalidInput", path=".csv"))
+    since = db.execute("SELECT now()").fetchone()[0]
+    done = run_cli(ADLS_ROOT, extra=adls_args)  # raises TimeoutExpired if it hangs
+
+    assert done.returncode != 0
+    last = done.stderr.strip().splitlines()[-1]
+    assert "corefail.t" in last and "partition 2026-10-05" in last
+    assert "HTTP 400 InvalidInput" in last
+    assert adls.faults[0].hits == 1
+    assert adls.files("bronze") == before
+    assert "lake/_staging" not in adls.directories["bronze"]
+    assert sessions_left(db, since) == []
 
 
 class FailingCompressor:

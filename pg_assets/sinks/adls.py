@@ -210,6 +210,7 @@ class _Uploader(StagingFile):
                        content_settings=settings, staged_at=relpath)  # fmt: skip
         except BaseException:
             sink._delete_quietly(relpath)  # a lost response may have left it behind
+            sink._remove_staging_dir()
             raise
         self._handoff.start(self._run, name="pg_assets-adls-append")
 
