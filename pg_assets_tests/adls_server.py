@@ -152,7 +152,9 @@ class Fault:
 
     - mode "fail": answer `status`/`code` without applying the operation;
     - mode "lost": apply the operation, then drop the connection without an answer (the
-      client sees the connection closed: a lost response).
+      client sees the connection closed: a lost response);
+    - mode "hang": neither apply nor answer for `delay` seconds, then drop the connection
+      (a service that stops responding; the client's read timeout must end the wait).
     """
 
     op: str  # "append", "flush", "rename", "create", "delete", "mkdir", "props", ...
@@ -162,6 +164,7 @@ class Fault:
     times: int = 10**9
     mode: str = "fail"
     path: str | None = None
+    delay: float = 30.0
     seen: int = 0
     hits: int = 0  # how many requests this fault took
 
@@ -176,6 +179,7 @@ class AdlsTestServer:
         self.lock = threading.Lock()
         self.requests: list[tuple[str, str, str, int]] = []  # method, op, path, body size
         self.max_body = 0
+        self.max_response = 0  # the largest response body: what one read holds in memory
         self.faults: list[Fault] = []
         self.forbidden = False
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -230,6 +234,12 @@ class AdlsTestServer:
         fs = segs[1] if len(segs) > 1 else ""
         path = segs[2] if len(segs) > 2 else ""
         op = self._op(h.command, q, h.headers, path)
+        hang = self._dispatch_locked(h, parts, q, op, fs, path, account, body)
+        if hang:
+            time.sleep(hang)  # outside the lock: other requests go on
+            h.close_connection = True
+
+    def _dispatch_locked(self, h, parts, q, op, fs, path, account, body) -> float | None:
         with self.lock:
             self.requests.append((h.command, op, f"{fs}/{path}", len(body)))
             self.max_body = max(self.max_body, len(body))
@@ -252,10 +262,13 @@ class AdlsTestServer:
                         f.hits += 1
                         if f.mode == "fail":
                             return self._error(h, f.status, f.code, dfs)
+                        if f.mode == "hang":
+                            return f.delay
                         return self._lose_response(h, handler, q, fs, path, body)
             if handler is None:
                 return self._error(h, 400, "UnsupportedOperation", dfs)
             handler(h, q, fs, path, body)
+        return 0
 
     def _lose_response(self, h, handler, q, fs, path, body) -> None:
         """Apply the operation, then close the connection without sending its answer."""
@@ -346,6 +359,7 @@ class AdlsTestServer:
             h.send_header(k, v)
         h.end_headers()
         if h.command != "HEAD":
+            self.max_response = max(self.max_response, len(body))
             h.wfile.write(body)
 
     def _error(self, h, status: int, code: str, dfs: bool) -> None:

@@ -5,6 +5,7 @@ or an exception) and the store holds exactly what that answer implies."""
 
 import hashlib
 import os
+import threading
 
 import pytest
 
@@ -146,7 +147,9 @@ def sink(request, tmp_path, monkeypatch):
         yield LocalSink(tmp_path / "bronze")
         return
     server = request.getfixturevalue("adls")
-    yield adls_sink(server, monkeypatch, 0)
+    sink = adls_sink(server, monkeypatch, 0)
+    sink.server = server
+    yield sink
 
 
 def test_publish_refuses_a_size_mismatch(sink):
@@ -179,6 +182,7 @@ def test_stat_and_open_read(sink):
         sink.read_bytes("d/missing.bin")
     if isinstance(sink, AdlsSink):
         assert info.etag and info.content_md5 == hashlib.md5(big).digest()
+        assert sink.server.max_response <= 4 << 20  # each request reads at most 4 MiB
 
 
 def test_staging_folder_is_removed_only_when_empty(sink):
@@ -206,3 +210,31 @@ def test_failed_staging_create_names_the_destination(adls, monkeypatch):
     message = str(err.value)
     assert message.startswith("ADLS create of lake/d/_manifest.json failed")
     assert "staging file lake/_staging/run-" in message and "HTTP 409 PathConflict" in message
+
+
+@pytest.mark.parametrize("op", ["append", "flush", "rename"])
+def test_a_service_that_stops_answering_fails_the_publish(adls, monkeypatch, op):
+    """No request waits forever: the read timeout (timeout_s) ends it, retries included,
+    and the caller gets the error with the previous version in place."""
+    monkeypatch.setenv("PG_ASSETS_TEST_KEY", ACCOUNT_KEY)
+    sink = AdlsSink.from_uri(ROOT, auth="account_key", secret_env="PG_ASSETS_TEST_KEY",
+                             endpoint=adls.url, create_filesystem=True, max_retries=1,
+                             retry_backoff_s=0, timeout_s=1)  # fmt: skip
+    publish(sink, OLD)
+    adls.faults.append(Fault(op, mode="hang", delay=20))
+    outcome: dict = {}
+
+    def attempt() -> None:
+        try:
+            publish(sink)
+        except BaseException as e:
+            outcome["error"] = e
+
+    t = threading.Thread(target=attempt, daemon=True)
+    t.start()
+    t.join(60)
+    assert not t.is_alive(), "the publish is still waiting for the service"
+    assert isinstance(outcome.get("error"), AdlsError)
+    assert "Timeout" in str(outcome["error"]) or "timed out" in str(outcome["error"])
+    assert held(adls) == OLD
+    assert adls.faults[0].hits == 2  # the first attempt and its one retry
