@@ -26,7 +26,7 @@ from pg_assets.core.layout import daily_paths
 from pg_assets.core.planner import describe_table, plan_day
 from pg_assets.dev.demo_data import create_daily_partitioned
 from pg_assets.sinks.adls import AdlsSink
-from pg_assets.sinks.local import LocalSink
+from pg_assets.sinks.local import LocalSink, LocalStagingFile
 from pg_assets_tests.adls_server import Fault
 
 DAY = dt.date(2026, 10, 5)
@@ -236,6 +236,37 @@ def test_copy_failing_mid_stream_stops_the_worker(pg_conninfo):
     assert no_worker_left()
 
 
+def test_failing_writer_cancels_a_copy_that_is_still_scanning(pg_conninfo):
+    """The query goes quiet for a minute after its first rows (a long scan finding nothing,
+    a lock) and the disk fills up meanwhile: the failure must not wait for the next row.
+    (Uncompressed, so the first block is written as soon as its bytes arrive.)"""
+    statement = sql.SQL(
+        "COPY (SELECT i, md5(i::text) FROM generate_series(1, 1000) i"
+        " UNION ALL SELECT 0, pg_sleep(60)::text) TO STDOUT (FORMAT csv)"
+    )
+    with psycopg.connect(pg_conninfo) as conn, conn.cursor() as cur:
+        pid = conn.info.backend_pid
+
+        class DiskFullWhileQuiet(Blocks):
+            def write(self, block: bytes, /) -> None:
+                with psycopg.connect(pg_conninfo, autocommit=True) as c:
+                    while not c.execute(
+                        "SELECT 1 FROM pg_stat_activity WHERE pid = %s AND wait_event = 'PgSleep'",
+                        (pid,),
+                    ).fetchone():
+                        time.sleep(0.05)
+                raise OSError(28, "No space left on device")
+
+        outcome = run_bounded(
+            lambda: stream_copy(cur, statement, DiskFullWhileQuiet(),
+                                get_codec("none").compressor(), block_size=16 << 10,
+                                gather_bytes=16 << 10),
+            seconds=30,
+        )  # fmt: skip
+        assert isinstance(outcome.get("error"), OSError), outcome
+    assert not copy_left_running(pg_conninfo)
+
+
 def extract(conninfo: str, sink: LocalSink, run_id: str):
     with psycopg.connect(conninfo) as conn:
         conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
@@ -248,35 +279,66 @@ def extract(conninfo: str, sink: LocalSink, run_id: str):
             )  # fmt: skip
 
 
-def test_cancellation_mid_copy_leaves_nothing(table, pg_conninfo, tmp_path):
-    sink = LocalSink(tmp_path)
-
-    def interrupt_when_copying() -> None:
-        with psycopg.connect(pg_conninfo, autocommit=True) as c:
-            for _ in range(3000):
-                if c.execute(
-                    "SELECT 1 FROM pg_stat_activity WHERE state = 'active' AND query LIKE 'COPY %'"
-                    " AND pid <> pg_backend_pid()"
-                ).fetchone():
-                    time.sleep(0.05)
-                    _thread.interrupt_main()  # what a run termination delivers: a signal
-                    return
-                time.sleep(0.01)
-
-    threading.Thread(target=interrupt_when_copying, daemon=True).start()
-    with pytest.raises(KeyboardInterrupt):
-        extract(pg_conninfo, sink, "cancelled")
-    assert sink.list_files() == []
-    assert not (tmp_path / "_staging").exists()
-    assert no_worker_left()
-    # the server is not left with a stuck COPY
-    with psycopg.connect(pg_conninfo, autocommit=True) as c:
+def copy_left_running(conninfo: str) -> bool:
+    with psycopg.connect(conninfo, autocommit=True) as c:
         for _ in range(100):
             if not c.execute(
                 "SELECT 1 FROM pg_stat_activity WHERE query LIKE 'COPY %' AND state = 'active'"
                 " AND pid <> pg_backend_pid()"
             ).fetchone():
-                break
+                return False
             time.sleep(0.1)
-        else:
-            pytest.fail("the cancelled COPY is still running on the server")
+    return True
+
+
+class SignalledSink(LocalSink):
+    """A local sink during whose second block a run termination's signal arrives."""
+
+    def open_staging(self, run_id: str, relpath: str, content_type: str) -> LocalStagingFile:
+        staging = super().open_staging(run_id, relpath, content_type)
+        blocks = 0
+
+        def write(block: bytes, /) -> None:
+            nonlocal blocks
+            LocalStagingFile.write(staging, block)  # the real write, then the signal
+            blocks += 1
+            if blocks == 2:
+                _thread.interrupt_main()
+
+        staging.write = write  # type: ignore[method-assign]
+        return staging
+
+
+def test_cancellation_mid_extraction_leaves_nothing(table, pg_conninfo, tmp_path):
+    """The main thread is still reading the COPY when the signal comes: the bounded queue
+    keeps it at most a few chunks ahead of the writer."""
+    sink = SignalledSink(tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        extract(pg_conninfo, sink, "cancelled")
+    assert sink.list_files() == []
+    assert not (tmp_path / "_staging").exists()
+    assert no_worker_left()
+    assert not copy_left_running(pg_conninfo)
+
+
+def test_cancellation_mid_stream_stops_worker_and_copy(pg_conninfo):
+    """A signal while blocks are flowing: the worker stops and the server's COPY too."""
+    statement = sql.SQL(
+        "COPY (SELECT i, repeat('x', 100) FROM generate_series(1, 100000000) i)"
+        " TO STDOUT (FORMAT csv)"
+    )
+
+    class InterruptingWriter(Blocks):
+        def write(self, block: bytes, /) -> None:
+            super().write(block)
+            if len(self.blocks) == 2:
+                _thread.interrupt_main()  # what a run termination delivers: a signal
+
+    writer = InterruptingWriter()
+    with psycopg.connect(pg_conninfo) as conn, conn.cursor() as cur:
+        with pytest.raises(KeyboardInterrupt):
+            stream_copy(cur, statement, writer, get_codec("gzip").compressor(1),
+                        block_size=64 << 10)  # fmt: skip
+        assert len(writer.blocks) >= 2
+    assert no_worker_left()
+    assert not copy_left_running(pg_conninfo)

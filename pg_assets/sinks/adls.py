@@ -75,7 +75,7 @@ _ABFSS = re.compile(
     r"^abfss://(?P<fs>[^@/]+)@(?P<account>[^./]+)\.dfs\.(?P<suffix>[^/]+?)(?:/(?P<prefix>.*))?$"
 )
 _SECRETISH = re.compile(r"(sig|AccountKey|SharedAccessSignature)=[^&;\s]+", re.I)
-READ_CHUNK = 4 << 20  # download size per request: bounds open_read's memory
+DOWNLOAD_CHUNK = 4 << 20  # download size per request: bounds open_read's memory
 RETRY_JITTER = 0.2  # each retry wait is its nominal value × uniform(0.8, 1.2)
 _PARENT_MISSING = "RenameDestinationParentPathNotFound"
 
@@ -312,8 +312,8 @@ class AdlsSink(Sink):
             "retry_policy": RetryPolicy(max_retries, retry_backoff_s, retry_backoff_base),
             "connection_timeout": connect_s,
             "read_timeout": timeout_s,
-            "max_single_get_size": READ_CHUNK,
-            "max_chunk_get_size": READ_CHUNK,
+            "max_single_get_size": DOWNLOAD_CHUNK,
+            "max_chunk_get_size": DOWNLOAD_CHUNK,
         }
         secret = ""
         if auth == "connection_string":
@@ -522,7 +522,7 @@ class AdlsSink(Sink):
 
     def open_read(self, relpath: str) -> Iterator[bytes]:
         client = self._fs.get_file_client(self._full(relpath))
-        # max_single_get_size/max_chunk_get_size (READ_CHUNK) bound each request, and the
+        # max_single_get_size/max_chunk_get_size (DOWNLOAD_CHUNK) bound each request, and the
         # SDK pins the chunks to the first response's etag, so a replaced file fails the read
         # instead of mixing versions
         download = self._call("read", relpath, client.download_file, max_concurrency=1)
