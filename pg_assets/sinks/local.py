@@ -45,7 +45,7 @@ class LocalStagingFile(StagingFile):
         for attempt in range(3):  # another publish may remove the empty staging dir meanwhile
             path.parent.mkdir(parents=True, exist_ok=True)
             try:
-                self._fd: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                self._fd: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
                 break
             except FileNotFoundError:
                 if attempt == 2:
