@@ -8,6 +8,7 @@ import gzip
 import json
 import subprocess
 import sys
+import threading
 import time
 
 import psycopg
@@ -44,44 +45,58 @@ def failure_message(result) -> str:
 # rename it over _manifest.json (the commit point), list the folder, delete the superseded
 # data file. Each fault below makes one of them fail for good (after the SDK's retries).
 STEPS = [
-    ("create", 1, "old"),  # staging data file
-    ("append", 1, "old"),
-    ("flush", 1, "old"),  # data
-    ("rename", 1, "old"),  # data → versioned name
-    ("create", 2, "old"),  # staging manifest
-    ("flush", 2, "old"),  # manifest
-    ("rename", 2, "old"),  # manifest → _manifest.json: the commit point
-    ("list", 1, "new+unlisted"),  # listing the folder after the commit
-    ("delete", 1, "new+leftover"),  # the superseded data file
+    # (op, nth, mode, how the day ends, what the failure says)
+    ("create", 1, "fail", "old", "ADLS create of"),  # staging data file
+    ("append", 1, "fail", "old", "ADLS append of"),
+    ("flush", 1, "fail", "old", "ADLS flush of"),  # data
+    ("rename", 1, "fail", "old", "ADLS rename"),  # data → versioned name
+    ("create", 2, "fail", "old", "previous version stays published"),  # staging manifest
+    ("flush", 2, "fail", "old", "previous version stays published"),  # manifest
+    ("rename", 2, "fail", "old", "previous version stays published"),  # the commit point
+    ("list", 1, "fail", "new+unlisted", "could not list"),  # after the commit
+    ("delete", 1, "fail", "new+leftover", "could not be removed"),  # the superseded file
+    # a lost response: the request was applied, its answer never came
+    ("flush", 1, "lost", "new", ""),
+    ("rename", 1, "lost", "new", ""),
+    ("create", 2, "lost", "new", ""),
+    ("rename", 2, "lost", "new", ""),
+    ("delete", 1, "lost", "new", ""),
 ]
 
 
-@pytest.mark.parametrize("op,nth,ends", STEPS, ids=[f"{o}{n}" for o, n, _ in STEPS])
-def test_a_failed_step_leaves_one_consistent_version(orders, adls, project, db, op, nth, ends):
+@pytest.mark.parametrize(
+    "op,nth,mode,ends,says", STEPS, ids=[f"{o}{n}-{m}" for o, n, m, _, _ in STEPS]
+)
+def test_a_failed_or_lost_step_leaves_one_consistent_version(
+    orders, adls, project, db, op, nth, mode, ends, says
+):
     p = project([TABLE], bronze=adls_bronze(adls))
     assert p.materialize(DAY.isoformat()).success
     old_data, old_manifest = p.read_day(NAME, DAY)
 
     db.execute("UPDATE pub.orders SET note = 'v2' WHERE id = 1")
     try:
-        adls.faults.append(Fault(op, nth=nth, status=500, code="InternalError"))
+        adls.faults.append(Fault(op, nth=nth, mode=mode, times=1 if mode == "lost" else 10**9))
         result = p.materialize(DAY.isoformat())
+        assert adls.faults[0].hits >= 1, "the fault never fired"
     finally:
         adls.faults.clear()
         db.execute("UPDATE pub.orders SET note = NULL WHERE id = 1")
+    if ends == "new":  # recognised as done: the run succeeds with the new version
+        assert result.success
+        data, manifest = p.read_day(NAME, DAY)
+        assert b"v2" in gzip.decompress(data)
+        assert manifest["history"][0]["file"] == old_manifest["file"]
+        return
     assert not result.success
     message = failure_message(result)
-    assert "pub.orders" in message and DAY.isoformat() in message
-
+    assert "table pub.orders, partition 2026-10-07" in message and says in message
     if ends == "old":
-        assert "previous version" in message or "_staging" in message or "failed" in message
         assert p.read_day(NAME, DAY) == (old_data, old_manifest)
     else:
         assert "new version is published" in message
         if ends == "new+leftover":
             assert old_manifest["file"] in message
-        else:
-            assert "could not list" in message
         paths = daily_paths("test", NAME, DAY)
         manifest = json.loads(p.sink().read_bytes(paths.manifest))
         assert manifest["file"] != old_manifest["file"]
@@ -93,6 +108,35 @@ def test_a_failed_step_leaves_one_consistent_version(orders, adls, project, db, 
         assert p.materialize(DAY.isoformat()).success
         p.read_day(NAME, DAY)
     assert [f for f in adls.files("bronze") if "_staging/" in f] == []
+
+
+def test_the_snapshot_is_not_held_while_publishing(orders, adls, project, pg_conninfo):
+    """The day's transaction ends with the COPY: while the publish hangs on the lake, the
+    extraction's session is idle, not idle in transaction (holding back vacuum)."""
+    p = project([TABLE], bronze=adls_bronze(adls, timeout_s=10))
+    fault = Fault("rename", nth=1, mode="hang", delay=3, times=1)
+    adls.faults.append(fault)
+    outcome: list[object] = []
+    run = threading.Thread(target=lambda: outcome.append(p.materialize(DAY.isoformat())))
+    run.start()
+    states = set()
+    with psycopg.connect(pg_conninfo, autocommit=True) as c:
+        deadline = time.monotonic() + 60
+        while fault.hits == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert fault.hits == 1, "the publish never reached the rename"
+        for _ in range(20):  # well inside the 3 s the rename hangs
+            states |= {
+                row[0]
+                for row in c.execute(
+                    "SELECT state FROM pg_stat_activity WHERE application_name LIKE 'pg_assets%'"
+                )
+            }
+            time.sleep(0.05)
+    run.join(120)
+    adls.faults.clear()
+    assert outcome and outcome[0].success  # type: ignore[attr-defined]
+    assert states == {"idle"}, states
 
 
 # -- two runs of one day ----------------------------------------------------------------------
