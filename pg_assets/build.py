@@ -7,7 +7,9 @@ loads in the webserver, the daemon and every run process, with or without the da
 from dagster import Definitions, in_process_executor
 
 from pg_assets.assets.daily import asset_key, build_daily_asset
+from pg_assets.assets.silver_demo import demo_silver_assets
 from pg_assets.catalog import resolve_tables
+from pg_assets.checks import build_checks
 from pg_assets.config import ConfigError, ProjectConfig
 from pg_assets.resources.bronze import BronzeResource
 from pg_assets.resources.postgres import PostgresResource
@@ -18,7 +20,9 @@ def build_resources(config: ProjectConfig) -> dict[str, object]:
     """The config file's `postgres` and `bronze` sections are the resources' own fields."""
     bronze = config.bronze.model_dump(exclude={"adls"})
     return {
-        "postgres": PostgresResource(**config.postgres.model_dump(exclude={"retries"})),
+        "postgres": PostgresResource(
+            **config.postgres.model_dump(exclude={"retries", "lock_timeout_s"})
+        ),
         "bronze": BronzeResource(
             **{**bronze, "level": config.bronze_level()}, adls=config.bronze.adls
         ),
@@ -37,11 +41,14 @@ def build_definitions(config: ProjectConfig) -> Definitions:
             )
         keys[k] = r.config.table
     assets = [build_daily_asset(config, r) for r in resolved]
+    checks, sensors = build_checks(config, resolved, assets)
     return Definitions(
-        assets=assets,
+        assets=[*assets, *demo_silver_assets(config, assets)],
+        asset_checks=checks,
         schedules=[build_daily_schedule(a) for a in assets],
+        sensors=sensors,
         resources=build_resources(config),
-        # Every run here is one step (one table's days): the multiprocess default would start
-        # a second process and load the code location again for it, for nothing.
+        # A run here is one table's days (and their checks): the multiprocess default would
+        # start a process per step, each loading the code location again, for nothing.
         executor=in_process_executor,
     )

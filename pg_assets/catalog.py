@@ -80,7 +80,7 @@ def resolve_tables(config: ProjectConfig) -> list[ResolvedTable]:
     """Each table's first day from the config or the cache. Makes no connection."""
     cached: dict[str, str] | None = None
     resolved = []
-    for t in config.tables:
+    for t in config.tables_of("daily"):
         if t.start is not None:
             resolved.append(ResolvedTable(t, t.start, "config"))
             continue
@@ -125,9 +125,13 @@ def check_tables(config: ProjectConfig) -> list[CheckedTable]:
     errors: list[str] = []
     try:
         with psycopg.connect(
-            conninfo, **connect_kwargs(min(pg.connect_timeout_s, 10), 0), autocommit=True
+            conninfo,
+            **connect_kwargs(
+                min(pg.connect_timeout_s, 10), 0, conninfo, lock_timeout_s=pg.lock_timeout_s
+            ),
+            autocommit=True,
         ) as conn:
-            for t in config.tables:
+            for t in config.tables_of("daily"):
                 try:
                     info = describe_table(conn, t.name, t.column)
                 except CatalogError as e:

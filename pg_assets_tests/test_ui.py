@@ -5,6 +5,7 @@ GraphQL API (what the UI itself calls) and, where Debian's chromium is installed
 installs it), clicked through in a headless browser."""
 
 import datetime as dt
+import re
 import time
 
 import psycopg
@@ -92,9 +93,13 @@ def webserver(pg_conninfo: str, tmp_path_factory: pytest.TempPathFactory):
 def test_ui_lists_one_partitioned_asset_per_demo_table(webserver):
     data = graphql(
         webserver,
-        "{ assetNodes { assetKey { path } groupName isPartitioned partitionKeys } }",
+        "{ assetNodes { assetKey { path } groupName isPartitioned partitionKeys"
+        " dependencyKeys { path } } }",
     )
     nodes = {"/".join(n["assetKey"]["path"]): n for n in data["assetNodes"]}
+    silver = nodes.pop("demo/silver/daily_order_totals")  # the downstream example (Silver)
+    assert silver["dependencyKeys"] == [{"path": ["demo", "public", "orders"]}]
+    assert silver["isPartitioned"] and DAY in silver["partitionKeys"]
     assert set(nodes) == {f"demo/public/{t}" for t in TABLES}
     for node in nodes.values():
         assert node["isPartitioned"] and node["groupName"] == "demo"
@@ -124,8 +129,17 @@ def test_materialized_day_shows_its_metadata(webserver, db, table):
     (count,) = db.execute(sql.SQL("SELECT count(*) FROM ({}) q").format(query)).fetchone()
     assert mat["partition"] == DAY
     assert meta["rows"] == meta["dagster/partition_row_count"] == count > 0
-    assert f"/date={DAY}/" in meta["uri"] and meta["uri"].endswith(".csv.gz")
-    for key in ("raw_bytes", "compressed_bytes", "compression_ratio", "mb_per_s", "sha256"):
+    assert re.search(
+        rf"/date={DAY}/{table}-{DAY}-\d{{8}}T\d{{6}}Z-[0-9a-f]{{8}}\.csv\.gz$", meta["uri"]
+    )
+    for key in (
+        "raw_bytes",
+        "compressed_bytes",
+        "compression_ratio",
+        "mb_per_s",
+        "sha256",
+        "snapshot",
+    ):
         assert key in meta
     if table == "orders":
         assert (meta["strategy"], meta["source_relation"]) == (

@@ -27,9 +27,10 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
-import psycopg
 import psycopg_pool
 from dagster import (
+    AssetCheckEvaluation,
+    AssetCheckKey,
     AssetExecutionContext,
     AssetKey,
     AssetMaterialization,
@@ -52,16 +53,16 @@ from dagster._core.definitions.data_version import (
 )
 
 from pg_assets.catalog import ResolvedTable
+from pg_assets.checks import CHECK_NAMES, DayChecks, day_check_evaluations, day_checks_for
 from pg_assets.config import ProjectConfig, TableConfig
 from pg_assets.core.compression import Codec
-from pg_assets.core.extract import ExtractionError, ExtractResult, extract_partition
-from pg_assets.core.layout import daily_paths
-from pg_assets.core.planner import CatalogError, Column, TableInfo, describe_table, plan_day
+from pg_assets.core.errors import Classified, classify
+from pg_assets.core.extract import ExtractionError, ExtractResult, extract_day
+from pg_assets.core.planner import CatalogError, Column, TableInfo, describe_table
 from pg_assets.resources.bronze import BronzeResource
 from pg_assets.resources.postgres import PostgresResource
 from pg_assets.sinks.base import Sink
 
-TRANSIENT = (psycopg.OperationalError, psycopg_pool.PoolTimeout)
 # After this many days in a row fail with a lost connection, the rest of the range is not
 # attempted in this try (each would wait out the connect timeout); the retry picks them up.
 MAX_CONSECUTIVE_LOST = 2
@@ -86,15 +87,18 @@ def column_schema(columns: Iterable[Column]) -> TableSchema:
     return TableSchema(columns=[TableColumn(c.name, c.type) for c in columns])
 
 
-def is_retryable(error: BaseException | None) -> bool:
-    """The retry hook: is this failure worth another try (a lost connection)?
-
-    One small function on purpose: the classification moves to pg_assets.core.errors."""
-    while error is not None:
-        if isinstance(error, TRANSIENT):
-            return True
-        error = error.__cause__
-    return False
+def classified(
+    error: BaseException, postgres: PostgresResource
+) -> tuple[BaseException, Classified]:
+    """The retry hook: the error to report, its kind and whether a retry can fix it
+    (`pg_assets.core.errors`). A pool timeout hides the server's own words (a wrong password,
+    a missing database): one direct connection asks for them, and they are reported instead."""
+    kind = classify(error)
+    if isinstance(error, psycopg_pool.PoolTimeout) or kind.kind == "no connection from the pool":
+        cause = postgres.diagnose()
+        if cause is not None:
+            return cause, classify(cause)
+    return error, kind
 
 
 @dataclass(frozen=True)
@@ -109,24 +113,30 @@ class DayJob:
     level: int
     run_id: str
     block_size: int
+    lock_timeout_s: float
+    content_hash: bool
 
 
 def extract_one_day(postgres: PostgresResource, job: DayJob, day: dt.date) -> ExtractResult:
-    """One day, end to end, exactly as a single-day run does it: its own snapshot
-    transaction, plan, COPY, publish and manifest. This is the one call to swap for
-    `pg_assets.core.extract.extract_day`."""
-    with postgres.snapshot() as conn:
-        return extract_partition(
+    """One day, end to end, exactly as a single-day run does it: the day's lock, its own
+    snapshot (plan re-checked, COPY), publish and manifest (`extract_day`). Only the catalog
+    description is shared with the other days of the run."""
+    with postgres.connection() as conn:
+        return extract_day(
             conn,
-            info=job.info,
-            plan=plan_day(job.info, day, job.table.timezone),
+            source=job.source,
+            table=job.table.name,
+            column=job.table.column,
+            day=day,
+            timezone=job.table.timezone,
             sink=job.sink,
-            paths=daily_paths(job.source, job.table.name, day, job.codec.extension),
             codec=job.codec,
             level=job.level,
             run_id=job.run_id,
-            partition_key=day.isoformat(),
             block_size=job.block_size,
+            info=job.info,
+            lock_timeout_s=job.lock_timeout_s,
+            content_hash=job.content_hash,
         )
 
 
@@ -135,8 +145,6 @@ def day_metadata(result: ExtractResult, info: TableInfo) -> dict[str, Any]:
     m = result.manifest
     seconds = float(m.get("seconds") or 0)
     raw, compressed = int(m["raw_bytes"]), int(m["compressed_bytes"])
-    snapshot = m.get("snapshot")
-    lsn = snapshot.get("lsn_upper_bound") if isinstance(snapshot, dict) else m.get("snapshot_lsn")
     return {
         "dagster/partition_row_count": int(m["rows"]),
         "dagster/uri": m["uri"],
@@ -150,7 +158,7 @@ def day_metadata(result: ExtractResult, info: TableInfo) -> dict[str, Any]:
         "uri": MetadataValue.path(m["uri"]),
         "source_relation": str(m["source_relation"]),
         "strategy": str(m["strategy"]),
-        "snapshot_lsn": str(lsn or ""),
+        "snapshot": MetadataValue.json(m["snapshot"]),
         "sha256": m["sha256"],
         "codec": f"{m['codec']}:{m['level']}",
     }
@@ -170,9 +178,23 @@ def materialized_in_this_run(context: AssetExecutionContext, key: AssetKey) -> s
     return done
 
 
-def _cause(error: BaseException) -> str:
+def selected_checks(
+    context: AssetExecutionContext, project: ProjectConfig, table: TableConfig, key: AssetKey
+) -> tuple[DayChecks, set[str]] | None:
+    """The day checks this run selected for this asset (pg_assets.checks), if any."""
+    if not project.checks_for(table).enabled:
+        return None
+    selection = context.run.asset_check_selection
+    names = {
+        name for name in CHECK_NAMES if selection is None or AssetCheckKey(key, name) in selection
+    }
+    return (day_checks_for(project, table, key), names) if names else None
+
+
+def _cause(error: BaseException, kind: Classified | None = None) -> str:
     text = str(error) if isinstance(error, ExtractionError | Failure) else ""
-    return text or f"{type(error).__name__}: {error}"
+    text = text or f"{type(error).__name__}: {error}"
+    return f"{text} [{kind.kind}]" if kind is not None else text
 
 
 def _days(days: list[dt.date]) -> str:
@@ -234,7 +256,7 @@ def _define(
     )
     def _daily(
         context: AssetExecutionContext, postgres: PostgresResource, bronze: BronzeResource
-    ) -> Iterator[AssetMaterialization]:
+    ) -> Iterator[AssetMaterialization | AssetCheckEvaluation]:
         days = [dt.date.fromisoformat(k) for k in context.partition_keys]
         span = days[0].isoformat() if len(days) == 1 else f"{days[0]}...{days[-1]}"
         where = f"table {qname}, partition {span}"
@@ -252,12 +274,17 @@ def _define(
         except Exception as e:  # bad root, missing secret, refused credential
             raise Failure(f"{where}: Bronze at {bronze.root} is not usable: {e}") from e
         try:
-            with postgres.snapshot() as conn:  # once per run, whatever the number of days
+            # once per run, whatever the number of days; each day re-checks it in its snapshot
+            with postgres.connection() as conn, conn.transaction():
                 info = describe_table(conn, qname, table.column)
         except CatalogError as e:
             raise Failure(f"{where}: {e} (config key {e.key!r})") from None
-        except TRANSIENT as e:
-            _retry_or_fail(context, retries, f"table {qname}", span, {d: e for d in days})
+        except Exception as e:
+            error, kind = classified(e, postgres)
+            failed = {d: error for d in days}
+            _retry_or_fail(
+                context, retries, f"table {qname}", span, failed, dict.fromkeys(days, kind)
+            )
         job = DayJob(
             source=project.source,
             table=table,
@@ -267,14 +294,18 @@ def _define(
             level=bronze.get_level(),
             run_id=context.run.run_id,
             block_size=bronze.block_size,
+            lock_timeout_s=project.postgres.lock_timeout_s,
+            content_hash=project.checks_for(table).content_hash,
         )
+        checks = selected_checks(context, project, table, key)
         failed: dict[dt.date, BaseException] = {}
+        kinds: dict[dt.date, Classified] = {}
         lost_in_a_row = rows = 0
         for i, day in enumerate(days):
             if lost_in_a_row >= MAX_CONSECUTIVE_LOST:
-                cause = failed[days[i - 1]]
+                cause, kind = failed[days[i - 1]], kinds[days[i - 1]]
                 for rest in days[i:]:
-                    failed[rest] = cause
+                    failed[rest], kinds[rest] = cause, kind
                 context.log.warning(
                     f"{where}: {lost_in_a_row} days in a row lost the connection; "
                     f"{len(days) - i} days not attempted in this try"
@@ -282,10 +313,12 @@ def _define(
                 break
             try:
                 result = extract_one_day(postgres, job, day)
+            except CatalogError as e:  # the table changed under the run: the same for every day
+                raise Failure(f"table {qname}, partition {day}: {e} (config key {e.key!r})") from e
             except Exception as e:
-                failed[day] = e
-                lost_in_a_row = lost_in_a_row + 1 if is_retryable(e) else 0
-                context.log.error(f"table {qname}, partition {day}: {_cause(e)}")
+                failed[day], kinds[day] = classified(e, postgres)
+                lost_in_a_row = lost_in_a_row + 1 if kinds[day].retryable else 0
+                context.log.error(f"table {qname}, partition {day}: {_cause(e, kinds[day])}")
                 continue
             lost_in_a_row = 0
             rows += result.stats.rows
@@ -301,11 +334,18 @@ def _define(
                     DATA_VERSION_IS_USER_PROVIDED_TAG: "true",
                 },
             )
+            if checks is not None:
+                # With no output, Dagster skips the check step downstream of this asset, so the
+                # day's checks are evaluated here, right after the day is published.
+                yield from day_check_evaluations(
+                    checks[0], [day], sink=sink, postgres=postgres, instance=context.instance,
+                    selected=checks[1], info=info,
+                )  # fmt: skip
         context.log.info(
             f"{where}: {len(days) - len(failed)} of {len(days)} days published, {rows} rows"
         )
         if failed:
-            _retry_or_fail(context, retries, f"table {qname}", span, failed)
+            _retry_or_fail(context, retries, f"table {qname}", span, failed, kinds)
 
     return _daily
 
@@ -316,30 +356,34 @@ def _retry_or_fail(
     table: str,
     span: str,
     failed: dict[dt.date, BaseException],
+    kinds: dict[dt.date, Classified],
 ) -> NoReturn:
-    """End the step: another try when a connection was lost and tries remain (the retry
-    redoes only the days not materialized), else a failure naming every failed day."""
+    """End the step: another try when a failure a retry can fix (a lost connection, a lock
+    timeout: see pg_assets.core.errors) happened and tries remain (the retry redoes only the
+    days not materialized), else a failure naming every failed day, its cause and kind."""
     where = f"{table}, partition {span}"
-    lost = [d for d, e in failed.items() if is_retryable(e)]
+    lost = [d for d in failed if kinds[d].retryable]
     if lost and context.retry_number < retries:
         wait = min(30, 2**context.retry_number)  # 1 s, 2 s, 4 s … capped at 30 s
         context.log.warning(
-            f"{where}: {len(lost)} day(s) lost the connection; retrying "
+            f"{where}: {len(lost)} day(s) failed with {kinds[lost[0]].kind}; retrying "
             f"{len(failed)} day(s) in {wait} s (try {context.retry_number + 2} of {retries + 1})"
         )
         raise RetryRequested(max_retries=retries, seconds_to_wait=wait) from failed[lost[0]]
     by_cause: dict[str, list[dt.date]] = {}
     for day, error in sorted(failed.items()):
-        by_cause.setdefault(_cause(error), []).append(day)
+        by_cause.setdefault(_cause(error, kinds[day]), []).append(day)
     if len(failed) == 1:
         ((day, error),) = failed.items()
-        text = _cause(error)
+        text = _cause(error, kinds[day])
         summary = text if day.isoformat() in text else f"{table}, partition {day}: {text}"
     else:
         lines = [f"{_days(days)}: {cause}" for cause, days in by_cause.items()]
         summary = f"{where}: {len(failed)} day(s) failed:\n" + "\n".join(lines)
     if lost and retries:
-        summary += f"\n(after {retries} retries of the lost connection)"
+        summary += f"\n(after {retries} retries)"
+    elif not lost:
+        summary += "\n(not retried: a retry cannot fix this)"
     raise Failure(
         description=summary,
         metadata={"failed_days": MetadataValue.json([d.isoformat() for d in sorted(failed)])},
