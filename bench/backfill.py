@@ -248,6 +248,7 @@ def measure(
     port: int,
     keep: bool,
     max_runs: int | None = None,
+    checks: bool = True,
 ) -> Measurement:
     from pg_assets.dev.services import DagsterServices
 
@@ -270,6 +271,9 @@ def measure(
     }
     if per_run is not None:
         config["backfill"] = {"max_partitions_per_run": per_run}
+    if not checks:
+        config["checks"] = {"enabled": False}
+        m.label += ", checks off"
     (home / "pg_assets.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     env = {
         "PG_ASSETS_CONNINFO": conninfo,
@@ -407,6 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--label", help="name of the code measured (default: this checkout / DIR)")
     p.add_argument("--timeout", type=float, default=5400, help="seconds allowed per backfill")
     p.add_argument("--port", type=int, default=3117)
+    p.add_argument("--no-checks", action="store_true", help="checks.enabled: false in the config")
     p.add_argument(
         "--max-concurrent-runs", type=int, help="override dagster.yaml's concurrency.runs limit"
     )
@@ -466,6 +471,7 @@ def main(argv: list[str] | None = None) -> int:
             port=args.port,
             keep=args.keep,
             max_runs=args.max_concurrent_runs,
+            checks=not args.no_checks,
         )
         print(
             f"  {m.wall_s:.1f} s wall, {m.runs} runs, {m.materialized} materialized, "
