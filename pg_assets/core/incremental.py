@@ -407,7 +407,7 @@ def _bound(kind: CursorKind, cap: Cap, tz: str) -> sql.Composable | None:
 
 
 def _text(kind: CursorKind, expr: sql.Composable) -> sql.Composable:
-    return sql.SQL(_TEXT[kind].replace("{v}", "{0}")).format(expr)
+    return sql.SQL(_TEXT[kind].replace("{v}", "({0})")).format(expr)
 
 
 def _value(kind: CursorKind, text: str) -> sql.Composable:
