@@ -144,7 +144,7 @@ def evaluate(
     busy = in_flight_run(context.instance, key, folder)
     if busy is not None:
         return SensorResult(
-            skip_reason=f"run {busy.run_id} of {spec.table} is {busy.status.value.lower()}; "
+            skip_reason=f"run {busy.run_id} of {spec.table} is {busy.status.value.lower().replace('_', ' ')}; "
             "waiting for it to end",
             cursor=context.cursor,
         )
@@ -184,7 +184,7 @@ def evaluate(
     if wait > 0:
         return SensorResult(
             skip_reason=f"{why}, but the last run for it ended without a new batch; trying "
-            f"again in {wait:.0f} s (attempt {attempt + 1})",
+            f"again in {wait:.0f} s (retry {attempt})",
             cursor=new_cursor,
         )
     tags = {TABLE_TAG: folder, REQUEST_TAG: request}
