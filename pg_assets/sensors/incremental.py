@@ -143,9 +143,9 @@ def evaluate(
     cached: dict[str, Any] = json.loads(context.cursor) if context.cursor else {}
     busy = in_flight_run(context.instance, key, folder)
     if busy is not None:
+        status = busy.status.value.lower().replace("_", " ")
         return SensorResult(
-            skip_reason=f"run {busy.run_id} of {spec.table} is {busy.status.value.lower().replace('_', ' ')}; "
-            "waiting for it to end",
+            skip_reason=f"run {busy.run_id} of {spec.table} is {status}; waiting for it to end",
             cursor=context.cursor,
         )
     try:
