@@ -75,7 +75,8 @@ CREATE INDEX ON bench_inc.big (updated_at);
 
 
 def connect(conninfo: str, *, autocommit: bool = False) -> psycopg.Connection:
-    conn = psycopg.connect(conninfo, **connect_kwargs(10, 0), autocommit=autocommit)  # type: ignore[arg-type]
+    kwargs = connect_kwargs(10, 0, conninfo)
+    conn = psycopg.connect(conninfo, **kwargs, autocommit=autocommit)  # type: ignore[arg-type]
     if not autocommit:
         conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
         conn.read_only = True

@@ -8,6 +8,7 @@ import gzip
 import hashlib
 import io
 import json
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -25,6 +26,7 @@ from pg_assets.build import build_definitions, build_resources
 from pg_assets.config import ConfigError, ProjectConfig
 from pg_assets.core.incremental import MARGIN_S
 from pg_assets.core.layout import incremental_paths
+from pg_assets.core.session import connect_kwargs
 from pg_assets.sinks.base import Sink
 from pg_assets_tests.conftest import postgres_copy, write_config
 
@@ -164,8 +166,20 @@ def latest_by_key(batches: list[tuple[dict[str, Any], bytes]]) -> dict[str, list
     return current
 
 
-def table_rows(db: psycopg.Connection, name: str) -> dict[str, list[str]]:
-    data = postgres_copy(db, sql.SQL("SELECT * FROM {}").format(table_ident(name)))
+def pinned(conninfo: str, **kwargs: Any) -> psycopg.Connection:
+    """A connection with pg_assets' pinned session: the reference for byte comparisons."""
+    return psycopg.connect(conninfo, **connect_kwargs(10, 0, conninfo), **kwargs)  # type: ignore[arg-type]
+
+
+def reference_copy(query: sql.Composable, conninfo: str | None = None) -> bytes:
+    """PostgreSQL's own COPY of `query`, now, in the pinned session."""
+    with pinned(conninfo or os.environ["PG_ASSETS_CONNINFO"], autocommit=True) as c:
+        return postgres_copy(c, query)
+
+
+def table_rows(name: str, conninfo: str | None = None) -> dict[str, list[str]]:
+    """The table now, as pinned-session CSV rows by id (`conninfo`: another server)."""
+    data = reference_copy(sql.SQL("SELECT * FROM {}").format(table_ident(name)), conninfo)
     header, rows = csv_rows(data)
     return {r[header.index("id")]: r for r in rows}
 
@@ -234,7 +248,7 @@ def test_each_batch_is_postgres_copy_of_its_bounds(db, inc, pg_conninfo):
             materialized(p.materialize())
             batches = p.batches()
             manifest, data = batches[-1]
-            with psycopg.connect(pg_conninfo) as ref:
+            with pinned(pg_conninfo) as ref:
                 ref.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
                 (snap,) = ref.execute("SELECT pg_current_snapshot()::text").fetchone()  # type: ignore[misc]
                 same = ref.execute(
@@ -288,7 +302,7 @@ def test_a_transaction_open_across_a_batch_is_not_lost(db, inc, pg_conninfo, wro
     meta = materialized(p.materialize())
     assert meta is not None and meta["batch"] == 1 and meta["rows"] == 6
     current = latest_by_key(p.batches())
-    assert "100" in current and set(current) == set(table_rows(db, "longtx"))
+    assert "100" in current and set(current) == set(table_rows("longtx"))
     # the held run said why, naming the transaction
     logs = [
         r.user_message
@@ -398,7 +412,7 @@ def test_state_lives_in_the_lake(db, inc, tmp_path):
     batches = p.batches()
     assert [m["rows"] for m, _ in batches] == [10, 10, 20]
     assert batches[2][0]["watermark"]["low"] == batches[1][0]["watermark"]["high"]
-    assert latest_by_key(batches) == table_rows(db, "state")
+    assert latest_by_key(batches) == table_rows("state")
     # another codec: the same batch numbering continues, one data file per batch
     zp = inc([{"table": "inc.state", "cursor": "updated_at"}], bronze={"codec": "zstd"})
     insert(db, "state", 41, 5)
@@ -429,8 +443,8 @@ def test_integer_cursor_with_lookback_and_batch_max_rows(db, inc):
     marks = [(m["watermark"]["low"], m["watermark"]["high"], m["rows"]) for m, _ in batches]
     assert marks == [(None, "100", 100), ("97", "140", 43), ("137", "180", 43), ("177", "200", 23)]
     for m, data in batches[1:]:
-        assert data == postgres_copy(db, sql.SQL(m["select"]))  # nothing changed since
-    assert latest_by_key(batches) == table_rows(db, "seq")
+        assert data == reference_copy(sql.SQL(m["select"]))  # nothing changed since
+    assert latest_by_key(batches) == table_rows("seq")
 
 
 @pytest.mark.parametrize("cursor_type", ["timestamp", "date"])
@@ -465,8 +479,8 @@ def test_timestamp_and_date_cursors(db, inc, cursor_type):
     meta = materialized(p.materialize())
     assert meta is not None
     m, data = p.batches()[-1]
-    assert data == postgres_copy(db, sql.SQL(m["select"]))
-    assert latest_by_key(p.batches()) == table_rows(db, f"c_{cursor_type}")
+    assert data == reference_copy(sql.SQL(m["select"]))
+    assert latest_by_key(p.batches()) == table_rows(f"c_{cursor_type}")
 
 
 # -- bad configuration -----------------------------------------------------------------------
@@ -638,7 +652,7 @@ def test_concurrent_writer_sensor_and_runs_lose_nothing(db, inc, pg_conninfo):
     for (prev, _), (m, _) in zip(batches, batches[1:], strict=False):
         assert m["watermark"]["low"] == prev["watermark"]["high"]
     current = latest_by_key(batches)
-    assert current == table_rows(db, "live")
+    assert current == table_rows("live")
     for extra in ("500000", "500001", "600000", "600001"):
         assert extra in current
     versions = {(str(i), ts) for i, ts in writer.versions} | initial
@@ -652,3 +666,42 @@ def test_concurrent_writer_sensor_and_runs_lose_nothing(db, inc, pg_conninfo):
 def final_versions(db: psycopg.Connection) -> set[tuple[str, dt.datetime]]:
     rows = db.execute("SELECT id::text, updated_at FROM inc.live").fetchall()
     return {(i, ts) for i, ts in rows}
+
+
+def test_quoted_names_generated_columns_and_adls(db, inc, adls):
+    """A table whose names need quoting, with a generated column (which `COPY t (cols) TO`
+    refuses), landed on ADLS Gen2 through the real SDK: batch 0 and batch 1 are PostgreSQL's
+    own COPY, in their own folder."""
+    from pg_assets_tests.conftest import adls_bronze
+
+    db.execute('CREATE SCHEMA IF NOT EXISTS "Sales Dept"')
+    db.execute('DROP TABLE IF EXISTS "Sales Dept"."Order.Lines"')
+    db.execute(
+        'CREATE TABLE "Sales Dept"."Order.Lines" ("Line Id" bigint PRIMARY KEY, qty int, '
+        'total int GENERATED ALWAYS AS (qty * 2) STORED, "Updated At" timestamptz NOT NULL '
+        "DEFAULT now())"
+    )
+    db.execute('CREATE INDEX ON "Sales Dept"."Order.Lines" ("Updated At")')
+    db.execute('INSERT INTO "Sales Dept"."Order.Lines" ("Line Id", qty) VALUES (1, 1), (2, 2)')
+    p = inc(
+        [{"table": '"Sales Dept"."Order.Lines"', "cursor": '"Updated At"', "key": ['"Line Id"']}],
+        bronze=adls_bronze(adls),
+    )
+    time.sleep(SETTLE_S)
+    first = materialized(p.materialize())
+    assert first is not None and first["rows"] == 2
+    t = sql.Identifier("Sales Dept", "Order.Lines")
+    assert p.batches()[0][1] == reference_copy(sql.SQL("SELECT * FROM {}").format(t))
+    db.execute(
+        'UPDATE "Sales Dept"."Order.Lines" SET qty = 5, "Updated At" = now() WHERE "Line Id" = 2'
+    )
+    time.sleep(SETTLE_S)
+    assert materialized(p.materialize())["rows"] == 1  # type: ignore[index]
+    (m0, _), (m1, d1) = p.batches()
+    assert d1 == reference_copy(sql.SQL(m1["select"]))
+    assert b"2,5,10," in d1
+    assert m0["table"] == '"Sales Dept"."Order.Lines"'
+    assert m0["uri"].endswith(
+        "/lake/test/Sales Dept.Order~2ELines/incremental/Order~2ELines-000000.csv.gz"
+    )
+    assert [f for f in adls.files("bronze") if "_staging/" in f] == []

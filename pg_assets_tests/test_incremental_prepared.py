@@ -58,4 +58,4 @@ def test_a_prepared_transaction_holds_the_watermark(twopc, inc, monkeypatch):
         meta = materialized(p.materialize())
         assert meta is not None and meta["batch"] == 1 and meta["rows"] == 4
         current = latest_by_key(p.batches())
-        assert "100" in current and current == table_rows(db, "twopc")
+        assert "100" in current and current == table_rows("twopc", twopc)

@@ -107,7 +107,7 @@ def test_sensor_requests_a_run_only_when_needed_and_never_two(db, inc, pg_connin
     materialized(p.launch(request))
     done = p.tick(None)  # a wiped instance or a lost cursor: the lake says the same
     assert done.run_requests == [] and "(batch 2)" in done.skip_message
-    assert latest_by_key(p.batches()) == table_rows(db, "polled")
+    assert latest_by_key(p.batches()) == table_rows("polled")
 
 
 def test_a_failed_run_is_retried_after_a_backoff(db, inc, pg_conninfo):

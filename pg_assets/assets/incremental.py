@@ -178,11 +178,11 @@ def check_incremental(config: ProjectConfig) -> list[str]:
     pg = config.postgres
     lines = []
     try:
-        conn = psycopg.connect(
-            read_conninfo(pg.conninfo_env),
-            **connect_kwargs(min(pg.connect_timeout_s, 5), 0),  # type: ignore[arg-type]
-            autocommit=True,
+        conninfo = read_conninfo(pg.conninfo_env)
+        kwargs = connect_kwargs(
+            min(pg.connect_timeout_s, 5), 0, conninfo, lock_timeout_s=pg.lock_timeout_s
         )
+        conn = psycopg.connect(conninfo, **kwargs, autocommit=True)  # type: ignore[arg-type]
     except (psycopg.OperationalError, RuntimeError) as e:
         return [f"{t.table}: incremental, NOT CHECKED (database unreachable: {e})" for t in tables]
     with conn:

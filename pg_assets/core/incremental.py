@@ -78,13 +78,14 @@ from pg_assets.core.extract import (
     PartitionBusyError,
     _committed,
     _lock_holder,
-    _snapshot_and_settings,
+    _snapshot,
     partition_lock,
     read_manifest,
 )
 from pg_assets.core.identifiers import QualifiedName
 from pg_assets.core.layout import IncrementalPaths, incremental_paths, table_folder
 from pg_assets.core.planner import COPY_OPTIONS, CatalogError, Column
+from pg_assets.core.session import PINNED_SETTINGS, check_session
 from pg_assets.sinks.base import Published, Sink, StagingFile
 
 CursorKind = Literal["timestamptz", "timestamp", "date", "integer"]
@@ -167,7 +168,7 @@ class IncrementalInfo:
     cursor: Column
     kind: CursorKind
     key: tuple[str, ...]
-    copy_whole: bool  # an ordinary table: batch 0 is `COPY t (cols) TO STDOUT`
+    copy_whole: bool  # an ordinary table without generated columns: `COPY t (cols) TO STDOUT`
     cursor_index: str | None  # a valid btree index led by the cursor, if any
     cursor_nullable: bool
 
@@ -194,7 +195,7 @@ WHERE n.nspname = %s AND c.relname = %s AND c.relkind IN ('r', 'p', 'v', 'm', 'f
 _COLUMNS_SQL = """
 SELECT a.attnum, a.attname, format_type(a.atttypid, a.atttypmod),
        format_type(CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END, NULL),
-       NOT a.attnotnull
+       NOT a.attnotnull, a.attgenerated <> ''
 FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
 WHERE a.attrelid = %s AND a.attnum > 0 AND NOT a.attisdropped
 ORDER BY a.attnum
@@ -217,7 +218,7 @@ def describe_incremental(conn: psycopg.Connection, spec: IncrementalSpec) -> Inc
             raise CatalogError(f"table {name} does not exist (or is not visible to this role)")
         oid, relkind = row
         cols = cur.execute(_COLUMNS_SQL, (oid,)).fetchall()
-        by_name = {n: (num, t, base, nullable) for num, n, t, base, nullable in cols}
+        by_name = {n: (num, t, base, nullable) for num, n, t, base, nullable, _ in cols}
         listing = ", ".join(by_name)
         if spec.cursor not in by_name:
             raise CatalogError(
@@ -238,11 +239,11 @@ def describe_incremental(conn: psycopg.Connection, spec: IncrementalSpec) -> Inc
         _check_lookback(cur, spec, kind)
     return IncrementalInfo(
         name=name,
-        columns=tuple(Column(n, t) for _, n, t, _, _ in cols),
+        columns=tuple(Column(n, t) for _, n, t, _, _, _ in cols),
         cursor=Column(spec.cursor, ctype),
         kind=kind,
         key=spec.key,
-        copy_whole=relkind == "r",
+        copy_whole=relkind == "r" and not any(generated for *_, generated in cols),
         cursor_index=index[0] if index else None,
         cursor_nullable=bool(nullable),
     )
@@ -638,6 +639,29 @@ def _table_lock(
         ) from None
 
 
+def _lock_table(
+    conn: psycopg.Connection, spec: IncrementalSpec, lock_timeout_s: float, where: str
+) -> None:
+    """`SET LOCAL lock_timeout` and `LOCK TABLE … IN ACCESS SHARE MODE`, in one round trip
+    that takes no snapshot: DDL on the table committed before the batch's snapshot, or waits
+    for the batch to end."""
+    timeout = sql.SQL("SET LOCAL lock_timeout = {}").format(
+        sql.Literal(f"{max(1, round(lock_timeout_s * 1000))}ms")
+    )
+    lock = sql.SQL("LOCK TABLE {} IN ACCESS SHARE MODE").format(spec.table.identifier)
+    try:
+        conn.execute(sql.SQL("{}; {}").format(timeout, lock))
+    except psycopg.errors.LockNotAvailable:
+        raise IncrementalError(
+            f"{where}: gave up waiting {lock_timeout_s:g} s for a lock on {spec.table}: DDL on "
+            "it holds or awaits an exclusive lock (postgres.lock_timeout_s)"
+        ) from None
+    except psycopg.errors.UndefinedTable:
+        raise CatalogError(
+            f"table {spec.table} does not exist (or is not visible to this role)"
+        ) from None
+
+
 def extract_batch(
     conn: psycopg.Connection,
     *,
@@ -702,14 +726,16 @@ def _extract_locked(
     body: bytes | None = None
     try:
         with conn.transaction():  # REPEATABLE READ, READ ONLY (the pool configures it)
-            # SET and LOCK take no snapshot: DDL on the table committed before it, or waits.
-            conn.execute(
-                sql.SQL("SET LOCAL lock_timeout = {}").format(
-                    sql.Literal(f"{int(lock_timeout_s * 1000)}ms")
+            _lock_table(conn, spec, lock_timeout_s, where)  # takes no snapshot
+            check_session(conn)  # the snapshot starts here
+            locked = describe_incremental(conn, spec)  # no DDL can change it until we commit
+            if locked.kind != info.kind:
+                raise IncrementalError(
+                    f"{where}: the type of cursor {spec.cursor!r} changed during the batch "
+                    f"({info.cursor.type} → {locked.cursor.type}); run it again"
                 )
-            )
-            conn.execute(sql.SQL("LOCK TABLE {} IN ACCESS SHARE MODE").format(info.name.identifier))
-            snapshot, settings = _snapshot_and_settings(conn)  # the snapshot starts here
+            info = locked
+            snapshot = _snapshot(conn)
             bounds = plan_bounds(conn, info, spec, cap, previous)
             if not bounds.advances:
                 return NoBatch(batch, info, bounds, cap)
@@ -770,7 +796,7 @@ def _extract_locked(
             "lag_seconds": lag,
             "cap": cap.as_json(),
             "snapshot": snapshot,
-            "session": settings,
+            "session": dict(PINNED_SETTINGS),
             "extracted_at": extracted_at.isoformat(),
             "seconds": round(stats.seconds, 3),
             "run_id": run_id,

@@ -105,12 +105,11 @@ def lake_state(
 @contextmanager
 def _connect(postgres: PostgresResource) -> Iterator[psycopg.Connection]:
     timeout = min(postgres.statement_timeout_s or POLL_TIMEOUT_S, POLL_TIMEOUT_S)
-    with psycopg.connect(
-        read_conninfo(postgres.conninfo_env),
-        **connect_kwargs(postgres.connect_timeout_s, timeout),  # type: ignore[arg-type]
-        autocommit=True,
-    ) as conn:
-        conn.execute(f"SET lock_timeout = '{POLL_TIMEOUT_S}s'")
+    conninfo = read_conninfo(postgres.conninfo_env)
+    kwargs = connect_kwargs(
+        postgres.connect_timeout_s, timeout, conninfo, lock_timeout_s=POLL_TIMEOUT_S
+    )
+    with psycopg.connect(conninfo, **kwargs, autocommit=True) as conn:  # type: ignore[arg-type]
         yield conn
 
 
