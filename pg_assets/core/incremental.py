@@ -171,6 +171,7 @@ class IncrementalInfo:
     copy_whole: bool  # an ordinary table without generated columns: `COPY t (cols) TO STDOUT`
     cursor_index: str | None  # a valid btree index led by the cursor, if any
     cursor_nullable: bool
+    relkind: str = "r"
 
     def warnings(self) -> list[str]:
         out = []
@@ -246,6 +247,7 @@ def describe_incremental(conn: psycopg.Connection, spec: IncrementalSpec) -> Inc
         copy_whole=relkind == "r" and not any(generated for *_, generated in cols),
         cursor_index=index[0] if index else None,
         cursor_nullable=bool(nullable),
+        relkind=relkind,
     )
 
 
@@ -726,7 +728,8 @@ def _extract_locked(
     body: bytes | None = None
     try:
         with conn.transaction():  # REPEATABLE READ, READ ONLY (the pool configures it)
-            _lock_table(conn, spec, lock_timeout_s, where)  # takes no snapshot
+            if info.relkind in ("r", "p", "v"):  # LOCK refuses materialized views
+                _lock_table(conn, spec, lock_timeout_s, where)  # takes no snapshot
             check_session(conn)  # the snapshot starts here
             locked = describe_incremental(conn, spec)  # no DDL can change it until we commit
             if locked.kind != info.kind:
