@@ -21,12 +21,13 @@ from dagster import DagsterInstance, RunsFilter, build_sensor_context, instance_
 from dagster._core.storage.tags import RUN_KEY_TAG, SENSOR_NAME_TAG
 from psycopg import sql
 
-from pg_assets.assets.incremental import check_incremental
+from pg_assets.assets.incremental import check_incremental, incremental_key
 from pg_assets.build import build_definitions, build_resources
 from pg_assets.config import ConfigError, ProjectConfig
 from pg_assets.core.incremental import MARGIN_S
 from pg_assets.core.layout import incremental_paths
 from pg_assets.core.session import connect_kwargs
+from pg_assets.sensors.incremental import sensor_name
 from pg_assets.sinks.base import Sink
 from pg_assets_tests.conftest import postgres_copy, write_config
 
@@ -82,11 +83,15 @@ class Inc:
         self.instance = instance
         self.repo = self.defs.get_repository_def()
 
-    def sensor(self, index: int = 0):
-        return list(self.defs.sensors or [])[index]
-
     def asset(self, index: int = 0):
-        return list(self.defs.assets or [])[index]
+        key = incremental_key(self.config, self.config.tables_of("incremental")[index])
+        (a,) = [a for a in self.defs.assets or [] if getattr(a, "key", None) == key]
+        return a
+
+    def sensor(self, index: int = 0):
+        name = sensor_name(self.asset(index).op.name)
+        (s,) = [s for s in self.defs.sensors or [] if s.name == name]
+        return s
 
     def materialize(self, index: int = 0, tags: dict[str, str] | None = None):
         job = self.defs.resolve_implicit_global_asset_job_def()
