@@ -3,6 +3,7 @@
 from dagster import Definitions
 
 from pg_assets.assets.daily import asset_key, build_daily_asset
+from pg_assets.assets.incremental import build_incremental
 from pg_assets.assets.silver_demo import demo_silver_assets
 from pg_assets.catalog import resolve_tables
 from pg_assets.checks import build_checks
@@ -38,10 +39,11 @@ def build_definitions(config: ProjectConfig) -> Definitions:
         keys[k] = r.config.table
     assets = [build_daily_asset(config, r) for r in resolved]
     checks, sensors = build_checks(config, resolved, assets)
+    incremental_assets, incremental_sensors = build_incremental(config)
     return Definitions(
-        assets=[*assets, *demo_silver_assets(config, assets)],
+        assets=[*assets, *demo_silver_assets(config, assets), *incremental_assets],
         asset_checks=checks,
         schedules=[build_daily_schedule(a) for a in assets],
-        sensors=sensors,
+        sensors=[*sensors, *incremental_sensors],
         resources=build_resources(config),
     )

@@ -103,10 +103,11 @@ def test_ui_lists_one_partitioned_asset_per_demo_table(webserver):
     silver = nodes.pop("demo/silver/daily_order_totals")  # the downstream example (Silver)
     assert silver["dependencyKeys"] == [{"path": ["demo", "public", "orders"]}]
     assert silver["isPartitioned"] and DAY in silver["partitionKeys"]
-    assert set(nodes) == {"demo/public/orders", "demo/public/events", "demo/public/customers"}
-    for node in nodes.values():
-        assert node["isPartitioned"] and node["groupName"] == "demo"
-        assert DAY in node["partitionKeys"]
+    daily = {"demo/public/orders", "demo/public/events", "demo/public/customers"}
+    assert set(nodes) == daily | {"demo/public/payments"}  # payments: incremental
+    for key in daily:
+        assert nodes[key]["isPartitioned"] and nodes[key]["groupName"] == "demo"
+        assert DAY in nodes[key]["partitionKeys"]
 
 
 def test_materialized_day_shows_its_metadata(webserver):

@@ -2,6 +2,8 @@
 
     <root>/<source>/<S>.<T>/date=YYYY-MM-DD/<T>-YYYY-MM-DD-<version>.csv<ext>   data (immutable)
     <root>/<source>/<S>.<T>/date=YYYY-MM-DD/_manifest.json                      the commit point
+    <root>/<source>/<S>.<T>/incremental/<T>-<batch:06d>.csv<ext>                incremental batch
+    <root>/<source>/<S>.<T>/incremental/<T>-<batch:06d>.json                    its commit point
     <root>/_staging/<run_id>-<token>-<file>                                     never read
 
 `<S>` and `<T>` are the schema and table names, each encoded by `encode_segment` so that the
@@ -84,4 +86,39 @@ def daily_paths(source: str, table: QualifiedName, day: dt.date) -> PartitionPat
     return PartitionPaths(
         folder=f"{table_folder(source, table)}/date={day.isoformat()}",
         stem=f"{encode_segment(table.name)}-{day.isoformat()}",
+    )
+
+
+_BATCH = re.compile(r"^(\d{6,})\.json$")
+
+
+@dataclass(frozen=True)
+class IncrementalPaths:
+    """The folder of an incremental table's batches and the names inside it.
+
+    Names come from the batch number alone, so a rerun after a crash before the batch's
+    manifest rewrites the same files instead of adding new ones (see
+    `pg_assets.core.incremental`)."""
+
+    folder: str
+    stem: str  # `<T>`: every batch file is `<T>-<batch:06d>.<ext>`
+
+    def data(self, batch: int, extension: str) -> str:
+        return f"{self.folder}/{self.stem}-{batch:06d}.csv{extension}"
+
+    def manifest(self, batch: int) -> str:
+        return f"{self.folder}/{self.stem}-{batch:06d}.json"
+
+    def batch_of_manifest(self, relpath: str) -> int | None:
+        """The batch number of a manifest path of this folder, else None."""
+        folder, _, name = relpath.rpartition("/")
+        if folder != self.folder or not name.startswith(f"{self.stem}-"):
+            return None
+        m = _BATCH.match(name[len(self.stem) + 1 :])
+        return int(m.group(1)) if m else None
+
+
+def incremental_paths(source: str, table: QualifiedName) -> IncrementalPaths:
+    return IncrementalPaths(
+        folder=f"{table_folder(source, table)}/incremental", stem=encode_segment(table.name)
     )

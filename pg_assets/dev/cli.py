@@ -4,6 +4,7 @@
     pg-assets dev                          the same server, then `dagster dev` (the UI)
     pg-assets up | stop                    start / stop the embedded PostgreSQL
     pg-assets check                        validate the config against the live catalog
+    pg-assets writer                       keep writing to the demo's incremental table
 
 Commands run from the project folder: state lives in ./.pg_assets, the Dagster instance is
 ./dagster.yaml. With PG_ASSETS_CONNINFO already set, the embedded server is not used.
@@ -66,7 +67,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     end = args.end or DEMO_END
     start = args.start or end - dt.timedelta(days=6)
     days = [start + dt.timedelta(days=n) for n in range((end - start).days + 1)]
-    print(f"materializing {len(days)} days × {len(config.tables)} tables into {config.bronze.root}")
+    print(
+        f"materializing {len(days)} days × {len(defs.schedules or [])} tables into {config.bronze.root}"
+    )
     print(
         f"{'asset':<28} {'day':<11} {'rows':>8} {'raw MB':>8} {'gz MB':>7} {'ratio':>6} {'MB/s':>7}  relation"
     )
@@ -92,6 +95,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
                     f"{m['compressed_bytes'].value / 1e6:>7.2f} {m['compression_ratio'].value:>6.1f} "
                     f"{m['mb_per_s'].value:>7.1f}  {m['source_relation'].value} ({m['strategy'].value})"
                 )
+    from pg_assets.dev.writer import demo_batches
+
+    failed += demo_batches(config, defs, instance)
     print(f"\nBronze: {config.bronze.root}\nOpen the UI with: .venv/bin/pg-assets dev")
     return 1 if failed else 0
 
@@ -131,9 +137,23 @@ def cmd_check(args: argparse.Namespace) -> int:
         for r in resolve_tables(config):
             state = "checked" if r.info else "NOT CHECKED (database unreachable)"
             print(f"{r.config.table}: first day {r.start}, {state}")
+        from pg_assets.assets.incremental import check_incremental
+
+        for line in check_incremental(config):
+            print(line)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    return 0
+
+
+def cmd_writer(args: argparse.Namespace) -> int:
+    from pg_assets.dev.writer import run_writer
+
+    conninfo = _up()
+    print("writing to public.payments; Ctrl-C to stop", flush=True)
+    run_writer(conninfo, rate=args.rate, updates=args.updates, seconds=args.seconds,
+               long_every=args.long_every, long_s=args.long_s)  # fmt: skip
     return 0
 
 
@@ -146,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         ("up", cmd_up),
         ("stop", cmd_stop),
         ("check", cmd_check),
+        ("writer", cmd_writer),
     ]:
         p = sub.add_parser(name)
         p.set_defaults(fn=fn)
@@ -154,6 +175,10 @@ def main(argv: list[str] | None = None) -> int:
         if name == "demo":
             p.add_argument("--start", type=dt.date.fromisoformat, help="first day (YYYY-MM-DD)")
             p.add_argument("--end", type=dt.date.fromisoformat, help="last day (YYYY-MM-DD)")
+        if name == "writer":
+            from pg_assets.dev.writer import add_arguments
+
+            add_arguments(p)
         if name == "dev":
             p.add_argument("--host", default="127.0.0.1")
             p.add_argument("--port", type=int, default=3000)

@@ -3,6 +3,7 @@
     public.orders      RANGE-partitioned by day on a date column, plus a DEFAULT partition
     public.events      RANGE-partitioned by month on a timestamptz column (Europe/Berlin days)
     public.customers   not partitioned, a date column
+    public.payments    incremental by updated_at (see `pg_assets.dev.writer`)
 
 Rows are generated server-side with `generate_series`, so loading millions of rows (the
 benchmark) costs seconds. Text columns carry commas, quotes, newlines, non-ASCII, NULLs and
@@ -13,6 +14,8 @@ import datetime as dt
 
 import psycopg
 from psycopg import sql
+
+from pg_assets.dev.writer import create_payments
 
 # A row expression over `g` (the series value) and `d` (the day); ~240 bytes of CSV a row.
 ORDER_COLUMNS = """
@@ -162,4 +165,6 @@ def load_demo(
            FROM generate_series(1, %s) AS g""",
         (all_days[0], days, days * 100),
     )
+    conn.execute("DROP TABLE IF EXISTS public.payments")
+    create_payments(conn)
     conn.execute("ANALYZE")
