@@ -1,0 +1,365 @@
+"""Change files: one CSV per table (per schema version) per batch, in COPY's CSV dialect.
+
+A change file is what `COPY ... TO STDOUT (FORMAT csv, HEADER)` would write for the changed
+rows, with bookkeeping columns around the table's own:
+
+    _op, _commit_lsn, _lsn, _xid, _commit_time, _seq, <table columns…>, _unchanged, _old_<key>…
+
+- `_op`: I insert, U update, D delete, T truncate.
+- `_commit_lsn`: the transaction's commit record; `_lsn`: the change's own record. Both as 16
+  upper-case hex digits (`pg_assets.core.cdc.lsn.lsn_hex`) so they sort as text. A reader
+  replays a table by applying rows in (`_commit_lsn`, `_seq`) order.
+- `_xid`: the transaction id; `_commit_time`: its commit time in PostgreSQL's own text form
+  for timestamptz under the pinned session (`2026-11-27 11:25:05.47796+00`).
+- `_seq`: 1, 2, … within the transaction, across all its tables.
+- table columns: the new row (I, U), the old key (D: non-key columns empty) or the whole old
+  row under REPLICA IDENTITY FULL; all empty for T.
+- `_unchanged`: the TOASTed columns an update did not change and PostgreSQL did not log, as a
+  PostgreSQL text array (`{a,"my col"}`), their table columns left empty; empty when none.
+- `_old_<col>` per replica-identity column: the old key of an update that changed it (or the
+  old row under REPLICA IDENTITY FULL, where PostgreSQL sends it on every update); empty
+  otherwise.
+
+Table values are PostgreSQL's text output as pgoutput sent it — the same function and (with
+the session pinned, see `reader.PINNED_SETTINGS`) the same bytes COPY writes — quoted exactly
+as COPY's CSV does: NULL as an unquoted empty field, '' as `""`, quotes doubled, a field
+quoted when it holds a comma, a quote, CR or LF, and (one-column files only) `\\.`.
+
+Nothing is decoded to Python strings: values stay bytes from the wire to the compressor.
+"""
+
+import hashlib
+import re
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from pg_assets.core.cdc.lsn import lsn_hex
+from pg_assets.core.cdc.pgoutput import (
+    UNCHANGED,
+    Begin,
+    Column,
+    Commit,
+    Delete,
+    Insert,
+    ProtocolError,
+    Relation,
+    Truncate,
+    Update,
+    Value,
+    commit_datetime,
+)
+from pg_assets.core.compression import Compressor
+
+META_COLUMNS = ("_op", "_commit_lsn", "_lsn", "_xid", "_commit_time", "_seq")
+UNCHANGED_COLUMN = "_unchanged"
+OLD_PREFIX = "_old_"
+GATHER_BYTES = 256 << 10
+
+_NEEDS_QUOTE = re.compile(rb'[",\r\n]')
+_ARRAY_NEEDS_QUOTE = re.compile(r'[{}",\\\s]|^$|^[Nn][Uu][Ll][Ll]$')
+
+
+class ChangeFileError(ValueError):
+    """A change file cannot be written as specified (names a table and column)."""
+
+
+class BlockWriter(Protocol):
+    """Where compressed blocks go (a sink's staging file)."""
+
+    def write(self, block: bytes, /) -> None: ...
+
+
+def csv_field(value: bytes | None) -> bytes:
+    """One field as COPY (FORMAT csv) writes it, for a multi-column row."""
+    if value is None:
+        return b""
+    if not value:
+        return b'""'
+    if _NEEDS_QUOTE.search(value) is not None:
+        return b'"' + value.replace(b'"', b'""') + b'"'
+    return value
+
+
+def csv_line(values: Sequence[bytes | None]) -> bytes:
+    """One row as COPY (FORMAT csv) writes it, newline included."""
+    if len(values) == 1 and values[0] == b"\\.":
+        return b'"\\."\n'  # alone on a line it would read as COPY's end-of-data marker
+    return b",".join([csv_field(v) for v in values]) + b"\n"
+
+
+def text_array(names: Sequence[str]) -> str:
+    """A PostgreSQL text[] literal as array_out prints it (`{a,"my col"}`)."""
+
+    def element(name: str) -> str:
+        if _ARRAY_NEEDS_QUOTE.search(name):
+            return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        return name
+
+    return "{" + ",".join(element(n) for n in names) + "}"
+
+
+def pg_timestamptz_text(pg_microseconds: int) -> str:
+    """timestamptz output under DateStyle=ISO, TimeZone=UTC: fraction without trailing zeros."""
+    t = commit_datetime(pg_microseconds)
+    text = t.strftime("%Y-%m-%d %H:%M:%S")
+    if t.microsecond:
+        text += f".{t.microsecond:06d}".rstrip("0")
+    return text + "+00"
+
+
+def change_columns(columns: Sequence[Column]) -> list[str]:
+    """The header of a change file for a relation with these columns."""
+    names = [c.name for c in columns]
+    keys = [OLD_PREFIX + c.name for c in columns if c.is_key]
+    return [*META_COLUMNS, *names, UNCHANGED_COLUMN, *keys]
+
+
+class BlockCutter:
+    """Raw CSV chunks → compressor → blocks of exactly `block_size` bytes (the last shorter),
+    with the sha256 and sizes a manifest records. Synchronous: decoding holds the GIL anyway,
+    and a thread per open table file would not pay for itself."""
+
+    def __init__(self, compressor: Compressor, writer: BlockWriter, block_size: int) -> None:
+        self._compressor = compressor
+        self._writer = writer
+        self._block_size = block_size
+        self._pending = bytearray()
+        self._sha = hashlib.sha256()
+        self.raw_bytes = 0
+        self.compressed_bytes = 0
+
+    def write(self, chunk: bytes | bytearray, /) -> None:
+        self.raw_bytes += len(chunk)
+        self._emit(self._compressor.compress(chunk), final=False)
+
+    def close(self) -> None:
+        self._emit(self._compressor.flush(), final=True)
+
+    @property
+    def sha256(self) -> str:
+        return self._sha.hexdigest()
+
+    def _emit(self, data: bytes, final: bool) -> None:
+        self._pending += data
+        while len(self._pending) >= self._block_size or (final and self._pending):
+            block = bytes(self._pending[: self._block_size])
+            del self._pending[: self._block_size]
+            self._sha.update(block)
+            self.compressed_bytes += len(block)
+            self._writer.write(block)
+
+
+@dataclass(frozen=True)
+class TableKey:
+    """A table as the change stream names it (schema '' would be pg_catalog; never ours)."""
+
+    schema: str
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.schema}.{self.name}"
+
+
+@dataclass
+class PartStats:
+    """One change file: what a manifest says about it."""
+
+    table: TableKey
+    part: int  # 0 for the first file of the table in the batch, 1 after a schema change, …
+    columns: tuple[Column, ...]
+    header: list[str]
+    rows: int = 0
+    ops: Counter[str] = field(default_factory=Counter)
+    first_commit_lsn: int | None = None
+    last_commit_lsn: int | None = None
+    first_commit_time: int | None = None
+    last_commit_time: int | None = None
+    raw_bytes: int = 0
+    compressed_bytes: int = 0
+    sha256: str = ""
+
+
+def _signature(columns: Sequence[Column]) -> tuple[tuple[str, int, int, bool], ...]:
+    return tuple((c.name, c.type_oid, c.type_modifier, c.is_key) for c in columns)
+
+
+class _Part:
+    """An open change file: formats rows, gathers them, hands chunks to its output."""
+
+    def __init__(self, stats: PartStats, out: BlockCutter, gather_bytes: int) -> None:
+        self.stats = stats
+        self.out = out
+        self.gather_bytes = gather_bytes
+        self.signature = _signature(stats.columns)
+        self.ncols = len(stats.columns)
+        self.key_idx = [i for i, c in enumerate(stats.columns) if c.is_key]
+        self.empty_old = b"," * len(self.key_idx)
+        self.names = [c.name for c in stats.columns]
+        self.buf = bytearray(csv_line([h.encode() for h in stats.header]))
+
+    def add(self, op: str, prefix: bytes, values: list[Value], old: list[Value] | None) -> None:
+        """`prefix` is the formatted meta fields up to and including the comma after `_seq`."""
+        if len(values) != self.ncols:
+            raise ProtocolError(
+                f"table {self.stats.table}: {len(values)} values for {self.ncols} columns"
+            )
+        unchanged = b""
+        if UNCHANGED in values:
+            names = [self.names[i] for i, v in enumerate(values) if v is UNCHANGED]
+            unchanged = csv_field(text_array(names).encode())
+            values = [None if v is UNCHANGED else v for v in values]
+        line = prefix + b",".join([csv_field(v) for v in values]) + b"," + unchanged  # type: ignore[arg-type]
+        if old is None:
+            line += self.empty_old
+        else:
+            line += b"".join(
+                [b"," + csv_field(None if old[i] is UNCHANGED else old[i]) for i in self.key_idx]  # type: ignore[arg-type]
+            )
+        self.buf += line
+        self.buf += b"\n"
+        self.stats.rows += 1
+        self.stats.ops[op] += 1
+        if len(self.buf) >= self.gather_bytes:
+            self.out.write(self.buf)
+            self.buf = bytearray()
+
+    def close(self) -> PartStats:
+        if self.buf:
+            self.out.write(self.buf)
+            self.buf = bytearray()
+        self.out.close()
+        self.stats.raw_bytes = self.out.raw_bytes
+        self.stats.compressed_bytes = self.out.compressed_bytes
+        self.stats.sha256 = self.out.sha256
+        return self.stats
+
+
+OpenPart = Callable[[TableKey, int], BlockWriter]
+"""Called with (table, part) when a change file is about to receive its first row: returns
+where its compressed blocks go (in pg_assets, a sink staging file)."""
+
+
+class ChangeWriter:
+    """Turns one batch's decoded messages into change files, one per table and schema version.
+
+    Feed it messages in stream order: `relation`, `begin`, `change(lsn, msg)`, `commit`;
+    then `finish()` flushes every file and returns their stats (in the order they were opened).
+    A file is opened only when its first row arrives, so a table without changes gets none.
+    A Relation message whose columns (names, types, typmods, key flags) differ from the table's
+    open file closes that file; the next row opens part + 1 with the new header.
+    """
+
+    def __init__(
+        self,
+        open_part: OpenPart,
+        compressor: Callable[[], Compressor],
+        *,
+        block_size: int = 4 << 20,
+        gather_bytes: int = GATHER_BYTES,
+    ) -> None:
+        self._open_part = open_part
+        self._compressor = compressor
+        self._block_size = block_size
+        self._gather_bytes = gather_bytes
+        self._relations: dict[int, Relation] = {}
+        self._open: dict[TableKey, _Part] = {}  # the current file of each table
+        self._next_part: Counter[TableKey] = Counter()
+        self._done: list[_Part] = []  # closed and open files, in opening order
+        self._prefix_tail = b""
+        self._commit_lsn = 0
+        self._commit_time = 0
+        self._seq = 0
+        self._in_txn = False
+
+    def relation(self, rel: Relation) -> None:
+        key = TableKey(rel.namespace, rel.name)
+        clash = {*META_COLUMNS, UNCHANGED_COLUMN} | {
+            OLD_PREFIX + c.name for c in rel.columns if c.is_key
+        }
+        for c in rel.columns:
+            if c.name in clash:
+                raise ChangeFileError(
+                    f"table {key}: column {c.name!r} clashes with a change-file column of the "
+                    "same name; rename the column or exclude the table from CDC"
+                )
+        self._relations[rel.relid] = rel
+        current = self._open.get(key)
+        if current is not None and current.signature != _signature(rel.columns):
+            current.close()
+            del self._open[key]
+
+    def begin(self, msg: Begin) -> None:
+        if self._in_txn:
+            raise ProtocolError("Begin inside a transaction")
+        self._in_txn = True
+        self._seq = 0
+        self._commit_lsn = msg.final_lsn
+        self._commit_time = msg.commit_time
+        self._commit_lsn_hex = lsn_hex(msg.final_lsn).encode()
+        self._prefix_tail = (
+            f"{msg.xid},{pg_timestamptz_text(msg.commit_time)},".encode()
+        )  # _xid,_commit_time,
+
+    def commit(self, msg: Commit) -> None:
+        if not self._in_txn or msg.commit_lsn != self._commit_lsn:
+            raise ProtocolError("Commit without its Begin")
+        self._in_txn = False
+
+    def _part(self, relid: int) -> _Part:
+        rel = self._relations.get(relid)
+        if rel is None:
+            raise ProtocolError(f"change for relation {relid} before its Relation message")
+        key = TableKey(rel.namespace, rel.name)
+        part = self._open.get(key)
+        if part is None:
+            index = self._next_part[key]
+            self._next_part[key] += 1
+            out = BlockCutter(self._compressor(), self._open_part(key, index), self._block_size)
+            stats = PartStats(key, index, rel.columns, change_columns(rel.columns))
+            part = self._open[key] = _Part(stats, out, self._gather_bytes)
+            self._done.append(part)
+        stats = part.stats
+        if stats.first_commit_lsn is None:
+            stats.first_commit_lsn = self._commit_lsn
+            stats.first_commit_time = self._commit_time
+        stats.last_commit_lsn = self._commit_lsn
+        stats.last_commit_time = self._commit_time
+        return part
+
+    def change(self, lsn: int, msg: Insert | Update | Delete | Truncate) -> None:
+        """One data message at WAL position `lsn` (the SQL function's `lsn` column)."""
+        if not self._in_txn:
+            raise ProtocolError("change outside a transaction")
+        lsn_b = lsn_hex(lsn).encode()
+        if isinstance(msg, Truncate):
+            for relid in msg.relids:
+                part = self._part(relid)
+                self._seq += 1
+                part.add("T", self._prefix(b"T", lsn_b), [None] * part.ncols, None)
+            return
+        part = self._part(msg.relid)
+        self._seq += 1
+        if isinstance(msg, Insert):
+            part.add("I", self._prefix(b"I", lsn_b), msg.new, None)
+        elif isinstance(msg, Update):
+            part.add("U", self._prefix(b"U", lsn_b), msg.new, msg.old)
+        else:
+            part.add("D", self._prefix(b"D", lsn_b), msg.old, None)
+
+    def _prefix(self, op: bytes, lsn_b: bytes) -> bytes:
+        return b"%s,%s,%s,%s%d," % (op, self._commit_lsn_hex, lsn_b, self._prefix_tail, self._seq)
+
+    @property
+    def in_transaction(self) -> bool:
+        return self._in_txn
+
+    def finish(self) -> list[PartStats]:
+        """Flush every file; the caller then closes and publishes what `open_part` returned."""
+        if self._in_txn:
+            raise ProtocolError("the change stream ended inside a transaction")
+        for key, part in list(self._open.items()):
+            part.close()
+            del self._open[key]
+        return [p.stats for p in self._done]
