@@ -14,11 +14,12 @@ there sees exactly the transactions that committed before C, and the slot yields
 that commit at or after C. Snapshot + replayed changes = the table, no gap, no overlap.
 
 A table added to the publication later cannot use the main slot's (long gone) snapshot; it is
-snapshotted through a TEMPORARY slot created the same way (consistent point C2, dropped when
-the connection closes), and its changes in the main slot's stream apply from `_commit_lsn >=
-C2`. `add_tables` takes a SHARE lock on each table while adding it, so no transaction that wrote
-the table before the ADD commits after it (whose earlier changes pgoutput would decode as
-unpublished — a silent gap).
+snapshotted through a TEMPORARY slot created the same way after the ADD TABLE (consistent
+point C2, dropped when the connection closes), and its changes in the main slot's stream apply
+from `_commit_lsn >= C2`. No lock is needed for that: creating a slot waits for every
+transaction in progress to end, so a transaction that wrote the table before the ADD TABLE
+(whose earlier changes pgoutput decodes as unpublished) commits before C2 and is in the
+snapshot, and the stream's copies of commits before C2 are the ones the filter drops.
 
 Every statement that could wait on a lock runs with a `lock_timeout`; every connection attempt
 has a connect timeout.
@@ -123,14 +124,14 @@ def add_tables(
     *,
     lock_timeout_s: float = DEFAULT_LOCK_TIMEOUT_S,
 ) -> None:
-    """ALTER PUBLICATION … ADD TABLE under a SHARE lock on the tables (see the module doc):
-    writers in progress finish first, new ones wait for the commit (bounded by lock_timeout)."""
+    """ALTER PUBLICATION … ADD TABLE (the ShareUpdateExclusive lock it takes does not block
+    writers; it waits at most `lock_timeout_s` behind DDL or VACUUM). Snapshot the tables
+    afterwards through a temporary slot (see the module doc)."""
     if not tables:
         return
     idents = sql.SQL(", ").join(t.identifier for t in tables)
     with conn.transaction():
         _set_lock_timeout(conn, lock_timeout_s)
-        conn.execute(sql.SQL("LOCK TABLE {} IN SHARE MODE").format(idents))
         conn.execute(
             sql.SQL("ALTER PUBLICATION {} ADD TABLE {}").format(sql.Identifier(publication), idents)
         )
@@ -244,9 +245,19 @@ def ensure_slot(conn: psycopg.Connection, slot: str) -> bool:
 
 def advance_slot(conn: psycopg.Connection, slot: str, lsn: int) -> int:
     """Move the slot's confirmed_flush_lsn to `lsn` (a batch's `end_lsn`): the transactions
-    whose commit record starts before it are consumed and their WAL may be recycled. Never
-    moves backwards (PostgreSQL ignores a target behind the slot). Returns the new position."""
+    whose commit record starts before it are consumed and their WAL may be recycled.
+    Idempotent and never backwards: a target at or behind the slot is a no-op (PostgreSQL
+    would refuse it), so a retried advance after a lost response succeeds. Returns the
+    slot's position."""
     try:
+        row = conn.execute(
+            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = %s",
+            [slot],
+        ).fetchone()
+        if row is None:
+            raise CdcError(f"replication slot {slot!r} does not exist")
+        if row[0] is not None and parse_lsn(row[0]) >= lsn:
+            return parse_lsn(row[0])
         row = conn.execute(
             "SELECT end_lsn::text FROM pg_replication_slot_advance(%s, %s::pg_lsn)",
             [slot, format_lsn(lsn)],
@@ -457,9 +468,12 @@ def _check_table(
         "SELECT format('%%I.%%I', n.nspname, c.relname), c.relreplident,"
         " EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary),"
         " EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisreplident)"
-        " FROM pg_partition_tree(%s::oid) t JOIN pg_class c ON c.oid = t.relid"
+        " FROM (SELECT relid, isleaf, level FROM pg_partition_tree(%s::oid)"
+        "       UNION ALL SELECT %s::oid, true, 0"  # a plain table: no tree, itself
+        "       WHERE NOT EXISTS (SELECT 1 FROM pg_partition_tree(%s::oid))) t"
+        " JOIN pg_class c ON c.oid = t.relid"
         " JOIN pg_namespace n ON n.oid = c.relnamespace WHERE t.isleaf ORDER BY t.level, 1",
-        [oid],
+        [oid, oid, oid],
     ).fetchall()
     for leaf, replident, has_pk, has_ident_index in leaves:
         where = name if leaf == name else f"{leaf} (partition of {name})"
