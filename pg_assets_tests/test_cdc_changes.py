@@ -2,6 +2,8 @@
 the same rows, and the bookkeeping columns say what happened (op, key change, TOAST,
 truncate, schema change, partitions), read from the real server's slot."""
 
+import struct
+
 import psycopg
 import pytest
 from psycopg import sql
@@ -16,7 +18,7 @@ from pg_assets.core.cdc.changes import (
     text_array,
 )
 from pg_assets.core.cdc.lsn import lsn_hex
-from pg_assets.core.cdc.pgoutput import Begin, Column, Commit, Insert, ProtocolError, Relation
+from pg_assets.core.cdc.pgoutput import Begin, Column, Commit, ProtocolError, Relation
 from pg_assets.core.cdc.reader import PINNED_SETTINGS
 from pg_assets.core.identifiers import QualifiedName
 from pg_assets_tests.cdc_support import (  # noqa: F401
@@ -302,7 +304,7 @@ def test_a_stream_ending_inside_a_transaction_is_an_error():
     w = ChangeWriter(files.open_part, files.compressor)
     w.relation(Relation(1, "s", "t", "d", (Column(1, "id", 23, -1),)))
     w.begin(Begin(100, 0, 7))
-    w.change(50, Insert(1, [b"1"]))
+    w.data(50, b"I" + struct.pack(">IcHci", 1, b"N", 1, b"t", 1) + b"1")
     with pytest.raises(ProtocolError, match="inside a transaction"):
         w.finish()
     w.commit(Commit(0, 100, 120, 0))

@@ -10,6 +10,7 @@ from psycopg import sql
 
 from pg_assets.core.cdc import pgoutput as po
 from pg_assets.core.cdc import slot as cdc_slot
+from pg_assets.core.cdc.changes import NEVER_QUOTED_TYPES, csv_field, csv_tuple
 from pg_assets.core.cdc.lsn import format_lsn, lsn_hex, parse_lsn, parse_lsn_hex
 from pg_assets.core.cdc.reader import iter_messages
 from pg_assets.core.identifiers import QualifiedName
@@ -115,6 +116,30 @@ class Renderer:
         raise AssertionError(f"unexpected {msg}")
 
 
+def _check_fused(data: bytes, msg: po.Decoded, relations: dict[int, po.Relation]) -> None:
+    """The writer's fused tuple → CSV path equals csv_field over the reference decoder."""
+
+    def reference(values: list[po.Value]) -> tuple[list[bytes], list[int] | None]:
+        fields = [csv_field(None if v is po.UNCHANGED else v) for v in values]  # type: ignore[arg-type]
+        unchanged = [i for i, v in enumerate(values) if v is po.UNCHANGED]
+        return fields, unchanged or None
+
+    tuples = []
+    if isinstance(msg, po.Insert):
+        tuples = [msg.new]
+    elif isinstance(msg, po.Update):
+        tuples = [t for t in (msg.old, msg.new) if t is not None]
+    elif isinstance(msg, po.Delete):
+        tuples = [msg.old]
+    pos = 5
+    for values in tuples:
+        assert data[pos] in b"KON"  # the tuple's tag follows the relid (or the old tuple)
+        plain = [c.type_oid in NEVER_QUOTED_TYPES for c in relations[msg.relid].columns]  # type: ignore[union-attr]
+        assert csv_tuple(data, pos + 1, plain)[::2] == reference(values)
+        fields, pos, unchanged = csv_tuple(data, pos + 1)
+        assert (fields, unchanged) == reference(values)
+
+
 def _strip_empty(lines: list[tuple[str, str]]) -> list[tuple[str, str]]:
     """Drop BEGIN/COMMIT pairs with nothing of ours in between (pgoutput skips them)."""
     out: list[tuple[str, str]] = []
@@ -206,7 +231,9 @@ def test_decoded_stream_matches_test_decoding(db: psycopg.Connection, schema):
         renderer = Renderer(db)
         with psycopg.connect(db.info.dsn) as reader, reader.transaction():
             for lsn, data in iter_messages(reader, slot, pub, itersize=3):
-                line = renderer.render(po.decode(data))
+                msg = po.decode(data)
+                line = renderer.render(msg)
+                _check_fused(data, msg, renderer.relations)
                 if line is not None:
                     ours.append((format_lsn(lsn), line))
         theirs = db.execute(

@@ -30,6 +30,7 @@ Nothing is decoded to Python strings: values stay bytes from the wire to the com
 
 import hashlib
 import re
+import struct
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -37,18 +38,14 @@ from typing import Protocol
 
 from pg_assets.core.cdc.lsn import lsn_hex
 from pg_assets.core.cdc.pgoutput import (
-    UNCHANGED,
     Begin,
     Column,
     Commit,
-    Delete,
-    Insert,
     ProtocolError,
     Relation,
     Truncate,
-    Update,
-    Value,
     commit_datetime,
+    decode,
 )
 from pg_assets.core.compression import Compressor
 
@@ -185,6 +182,75 @@ def _signature(columns: Sequence[Column]) -> tuple[tuple[str, int, int, bool], .
     return tuple((c.name, c.type_oid, c.type_modifier, c.is_key) for c in columns)
 
 
+_unpack_H = struct.Struct(">H").unpack_from
+_unpack_i = struct.Struct(">i").unpack_from
+_unpack_I = struct.Struct(">I").unpack_from
+_EMPTY = b'""'
+
+
+# Built-in types whose text output (under the pinned session) never holds a comma, quote, CR
+# or LF, so their values skip the quoting check: bool, int2/4/8, oid, xid, xid8, float4/8,
+# numeric, date, time, timetz, timestamp, timestamptz, interval, uuid, pg_lsn.
+NEVER_QUOTED_TYPES = frozenset(
+    {16, 20, 21, 23, 26, 28, 5069, 700, 701, 1700, 1082, 1083, 1266, 1114, 1184, 1186, 2950, 3220}
+)
+
+
+def csv_tuple(
+    data: bytes, pos: int, plain: Sequence[bool] = ()
+) -> tuple[list[bytes], int, list[int] | None]:
+    """pgoutput TupleData at `pos`, straight to CSV fields: the hot path of a batch.
+
+    Equivalent to `[csv_field(v) for v in pgoutput.read_tuple(...)]` (the tests hold it to
+    that), fused so each value is sliced and quoted once with no intermediate objects.
+    `plain[i]` true means column i's type never needs quoting (NEVER_QUOTED_TYPES): no check.
+    Returns the fields, the position after the tuple, and the indexes of unchanged-TOAST
+    columns (None when there are none), whose fields are left empty."""
+    (n,) = _unpack_H(data, pos)
+    pos += 2
+    fields: list[bytes] = []
+    append = fields.append
+    search = _NEEDS_QUOTE.search
+    unchanged: list[int] | None = None
+    nplain = len(plain)
+    for i in range(n):
+        kind = data[pos]
+        if kind == 0x74:  # 't'
+            (size,) = _unpack_i(data, pos + 1)
+            pos += 5
+            if size > 0:
+                end = pos + size
+                value = data[pos:end]
+                pos = end
+                if (i < nplain and plain[i]) or search(value) is None:
+                    append(value)
+                else:
+                    append(b'"' + value.replace(b'"', b'""') + b'"')
+            elif size == 0:
+                append(_EMPTY)
+            else:
+                raise ProtocolError(f"negative value length {size}")
+        elif kind == 0x6E:  # 'n'
+            append(b"")
+            pos += 1
+        elif kind == 0x75:  # 'u'
+            append(b"")
+            pos += 1
+            if unchanged is None:
+                unchanged = []
+            unchanged.append(i)
+        elif kind == 0x62:  # 'b'
+            raise ProtocolError(
+                "binary tuple value received; pg_assets reads text output only "
+                "(do not pass the 'binary' option)"
+            )
+        else:
+            raise ProtocolError(f"unknown tuple value kind {chr(kind)!r}")
+    if pos > len(data):
+        raise ProtocolError("tuple data overruns the message")
+    return fields, pos, unchanged
+
+
 class _Part:
     """An open change file: formats rows, gathers them, hands chunks to its output."""
 
@@ -195,34 +261,41 @@ class _Part:
         self.signature = _signature(stats.columns)
         self.ncols = len(stats.columns)
         self.key_idx = [i for i, c in enumerate(stats.columns) if c.is_key]
-        self.empty_old = b"," * len(self.key_idx)
+        self.plain = tuple(c.type_oid in NEVER_QUOTED_TYPES for c in stats.columns)
+        self.empty_tail = b"," + b"," * len(self.key_idx) + b"\n"  # _unchanged, _old_*
         self.names = [c.name for c in stats.columns]
+        self.counts = {"I": 0, "U": 0, "D": 0, "T": 0}
         self.buf = bytearray(csv_line([h.encode() for h in stats.header]))
 
-    def add(self, op: str, prefix: bytes, values: list[Value], old: list[Value] | None) -> None:
-        """`prefix` is the formatted meta fields up to and including the comma after `_seq`."""
-        if len(values) != self.ncols:
+    def add(
+        self,
+        op: str,
+        prefix: bytes,
+        fields: list[bytes],
+        unchanged: list[int] | None,
+        old: list[bytes] | None,
+    ) -> None:
+        """`prefix`: the meta fields through the comma after `_seq`; `fields`: CSV-ready."""
+        if len(fields) != self.ncols:
             raise ProtocolError(
-                f"table {self.stats.table}: {len(values)} values for {self.ncols} columns"
+                f"table {self.stats.table}: {len(fields)} values for {self.ncols} columns"
             )
-        unchanged = b""
-        if UNCHANGED in values:
-            names = [self.names[i] for i, v in enumerate(values) if v is UNCHANGED]
-            unchanged = csv_field(text_array(names).encode())
-            values = [None if v is UNCHANGED else v for v in values]
-        line = prefix + b",".join([csv_field(v) for v in values]) + b"," + unchanged  # type: ignore[arg-type]
-        if old is None:
-            line += self.empty_old
+        if unchanged is None and old is None:
+            line = prefix + b",".join(fields) + self.empty_tail
         else:
-            line += b"".join(
-                [b"," + csv_field(None if old[i] is UNCHANGED else old[i]) for i in self.key_idx]  # type: ignore[arg-type]
-            )
-        self.buf += line
-        self.buf += b"\n"
-        self.stats.rows += 1
-        self.stats.ops[op] += 1
-        if len(self.buf) >= self.gather_bytes:
-            self.out.write(self.buf)
+            tail = b","
+            if unchanged is not None:
+                tail += csv_field(text_array([self.names[i] for i in unchanged]).encode())
+            if old is None:
+                tail += self.empty_tail[1:]
+            else:
+                tail += b"".join([b"," + old[i] for i in self.key_idx]) + b"\n"
+            line = prefix + b",".join(fields) + tail
+        buf = self.buf
+        buf += line
+        self.counts[op] += 1
+        if len(buf) >= self.gather_bytes:
+            self.out.write(buf)
             self.buf = bytearray()
 
     def close(self) -> PartStats:
@@ -230,10 +303,13 @@ class _Part:
             self.out.write(self.buf)
             self.buf = bytearray()
         self.out.close()
-        self.stats.raw_bytes = self.out.raw_bytes
-        self.stats.compressed_bytes = self.out.compressed_bytes
-        self.stats.sha256 = self.out.sha256
-        return self.stats
+        stats = self.stats
+        stats.ops = Counter({k: v for k, v in self.counts.items() if v})
+        stats.rows = sum(self.counts.values())
+        stats.raw_bytes = self.out.raw_bytes
+        stats.compressed_bytes = self.out.compressed_bytes
+        stats.sha256 = self.out.sha256
+        return stats
 
 
 OpenPart = Callable[[TableKey, int], BlockWriter]
@@ -242,13 +318,15 @@ where its compressed blocks go (in pg_assets, a sink staging file)."""
 
 
 class ChangeWriter:
-    """Turns one batch's decoded messages into change files, one per table and schema version.
+    """Turns one batch's messages into change files, one per table and schema version.
 
-    Feed it messages in stream order: `relation`, `begin`, `change(lsn, msg)`, `commit`;
-    then `finish()` flushes every file and returns their stats (in the order they were opened).
-    A file is opened only when its first row arrives, so a table without changes gets none.
-    A Relation message whose columns (names, types, typmods, key flags) differ from the table's
-    open file closes that file; the next row opens part + 1 with the new header.
+    Feed it the stream in order: `relation(msg)`, `begin(msg)`, `data(lsn, raw)` for each raw
+    Insert/Update/Delete/Truncate message, `commit(msg)`; then `finish()` flushes every file
+    and returns their stats (in the order they were opened). Data messages are formatted from
+    their raw bytes (`csv_tuple`), the hot path. A file is opened only when its first row
+    arrives, so a table without changes gets none. A Relation message whose columns (names,
+    types, typmods, key flags) differ from the table's open file closes that file; the next
+    row opens part + 1 with the new header.
     """
 
     def __init__(
@@ -265,13 +343,17 @@ class ChangeWriter:
         self._gather_bytes = gather_bytes
         self._relations: dict[int, Relation] = {}
         self._open: dict[TableKey, _Part] = {}  # the current file of each table
+        self._by_relid: dict[int, _Part] = {}  # cache of _open by relid
         self._next_part: Counter[TableKey] = Counter()
-        self._done: list[_Part] = []  # closed and open files, in opening order
-        self._prefix_tail = b""
+        self._parts: list[_Part] = []  # every file, in opening order
+        self._touched: set[int] = set()  # id() of parts written in this transaction
         self._commit_lsn = 0
         self._commit_time = 0
+        self._commit_lsn_hex = b""
+        self._prefix_tail = b""
         self._seq = 0
         self._in_txn = False
+        self.changes = 0
 
     def relation(self, rel: Relation) -> None:
         key = TableKey(rel.namespace, rel.name)
@@ -285,10 +367,12 @@ class ChangeWriter:
                     "same name; rename the column or exclude the table from CDC"
                 )
         self._relations[rel.relid] = rel
+        self._by_relid.pop(rel.relid, None)
         current = self._open.get(key)
         if current is not None and current.signature != _signature(rel.columns):
             current.close()
             del self._open[key]
+            self._by_relid = {r: p for r, p in self._by_relid.items() if p is not current}
 
     def begin(self, msg: Begin) -> None:
         if self._in_txn:
@@ -298,16 +382,27 @@ class ChangeWriter:
         self._commit_lsn = msg.final_lsn
         self._commit_time = msg.commit_time
         self._commit_lsn_hex = lsn_hex(msg.final_lsn).encode()
-        self._prefix_tail = (
-            f"{msg.xid},{pg_timestamptz_text(msg.commit_time)},".encode()
-        )  # _xid,_commit_time,
+        # "_xid,_commit_time," — constant for the transaction
+        self._prefix_tail = f"{msg.xid},{pg_timestamptz_text(msg.commit_time)},".encode()
+        self._touched.clear()
 
     def commit(self, msg: Commit) -> None:
         if not self._in_txn or msg.commit_lsn != self._commit_lsn:
             raise ProtocolError("Commit without its Begin")
         self._in_txn = False
+        for part in self._parts:
+            if id(part) in self._touched:
+                stats = part.stats
+                if stats.first_commit_lsn is None:
+                    stats.first_commit_lsn = self._commit_lsn
+                    stats.first_commit_time = self._commit_time
+                stats.last_commit_lsn = self._commit_lsn
+                stats.last_commit_time = self._commit_time
 
     def _part(self, relid: int) -> _Part:
+        part = self._by_relid.get(relid)
+        if part is not None:
+            return part
         rel = self._relations.get(relid)
         if rel is None:
             raise ProtocolError(f"change for relation {relid} before its Relation message")
@@ -319,37 +414,63 @@ class ChangeWriter:
             out = BlockCutter(self._compressor(), self._open_part(key, index), self._block_size)
             stats = PartStats(key, index, rel.columns, change_columns(rel.columns))
             part = self._open[key] = _Part(stats, out, self._gather_bytes)
-            self._done.append(part)
-        stats = part.stats
-        if stats.first_commit_lsn is None:
-            stats.first_commit_lsn = self._commit_lsn
-            stats.first_commit_time = self._commit_time
-        stats.last_commit_lsn = self._commit_lsn
-        stats.last_commit_time = self._commit_time
+            self._parts.append(part)
+        self._by_relid[relid] = part
         return part
 
-    def change(self, lsn: int, msg: Insert | Update | Delete | Truncate) -> None:
-        """One data message at WAL position `lsn` (the SQL function's `lsn` column)."""
+    def data(self, lsn: int, raw: bytes) -> None:
+        """One raw Insert/Update/Delete/Truncate message at WAL position `lsn` (the SQL
+        function's `lsn` column)."""
         if not self._in_txn:
             raise ProtocolError("change outside a transaction")
-        lsn_b = lsn_hex(lsn).encode()
-        if isinstance(msg, Truncate):
+        kind = raw[0]
+        if kind == 0x54:  # 'T'
+            msg = decode(raw)
+            assert isinstance(msg, Truncate)
             for relid in msg.relids:
                 part = self._part(relid)
                 self._seq += 1
-                part.add("T", self._prefix(b"T", lsn_b), [None] * part.ncols, None)
+                self._touched.add(id(part))
+                part.add("T", self._prefix(b"T", lsn), [b""] * part.ncols, None, None)
+            self.changes += len(msg.relids)
             return
-        part = self._part(msg.relid)
+        (relid,) = _unpack_I(raw, 1)
+        part = self._part(relid)
+        self._touched.add(id(part))
         self._seq += 1
-        if isinstance(msg, Insert):
-            part.add("I", self._prefix(b"I", lsn_b), msg.new, None)
-        elif isinstance(msg, Update):
-            part.add("U", self._prefix(b"U", lsn_b), msg.new, msg.old)
+        self.changes += 1
+        tag = raw[5]
+        if kind == 0x49:  # 'I'
+            if tag != 0x4E:
+                raise ProtocolError("insert without a new tuple")
+            new, _, unchanged = csv_tuple(raw, 6, part.plain)
+            part.add("I", self._prefix(b"I", lsn), new, unchanged, None)
+        elif kind == 0x55:  # 'U'
+            old = None
+            pos = 5
+            if tag == 0x4B or tag == 0x4F:  # 'K' / 'O'
+                old, pos, _ = csv_tuple(raw, 6, part.plain)
+                tag = raw[pos]
+            if tag != 0x4E:
+                raise ProtocolError("update without a new tuple")
+            new, _, unchanged = csv_tuple(raw, pos + 1, part.plain)
+            part.add("U", self._prefix(b"U", lsn), new, unchanged, old)
+        elif kind == 0x44:  # 'D'
+            if tag != 0x4B and tag != 0x4F:
+                raise ProtocolError("delete without an old key or old tuple")
+            old, _, _ = csv_tuple(raw, 6, part.plain)
+            part.add("D", self._prefix(b"D", lsn), old, None, None)
         else:
-            part.add("D", self._prefix(b"D", lsn_b), msg.old, None)
+            raise ProtocolError(f"not a data message: {chr(kind)!r}")
 
-    def _prefix(self, op: bytes, lsn_b: bytes) -> bytes:
-        return b"%s,%s,%s,%s%d," % (op, self._commit_lsn_hex, lsn_b, self._prefix_tail, self._seq)
+    def _prefix(self, op: bytes, lsn: int) -> bytes:
+        return b"%s,%s,%016X,%s%d," % (
+            op,
+            self._commit_lsn_hex,
+            lsn,
+            self._prefix_tail,
+            self._seq,
+        )
 
     @property
     def in_transaction(self) -> bool:
@@ -362,4 +483,5 @@ class ChangeWriter:
         for key, part in list(self._open.items()):
             part.close()
             del self._open[key]
-        return [p.stats for p in self._done]
+        self._by_relid.clear()
+        return [p.stats for p in self._parts]

@@ -28,23 +28,17 @@ from dataclasses import dataclass, field
 
 import psycopg
 from psycopg import sql
-from psycopg.adapt import Loader
-from psycopg.pq import Format
 
 from pg_assets.core.cdc.changes import GATHER_BYTES, ChangeWriter, OpenPart, PartStats, TableKey
 from pg_assets.core.cdc.lsn import parse_lsn
 from pg_assets.core.cdc.pgoutput import (
     Begin,
     Commit,
-    Delete,
-    Insert,
     Message,
     Origin,
     ProtocolError,
     Relation,
-    Truncate,
     Type,
-    Update,
     decode,
 )
 from pg_assets.core.compression import Compressor
@@ -60,18 +54,11 @@ PINNED_SETTINGS: dict[str, str] = {
     "client_encoding": "UTF8",
 }
 
-PG_LSN_OID = 3220
+_DATA = frozenset(b"IUDT")  # Insert, Update, Delete, Truncate: formatted from raw bytes
 
 
 class CdcError(RuntimeError):
     """A CDC operation failed; the message names the slot (and table), the cause is chained."""
-
-
-class _LsnBinaryLoader(Loader):
-    format = Format.BINARY
-
-    def load(self, data) -> int:  # type: ignore[override]
-        return int.from_bytes(data, "big")
 
 
 @dataclass
@@ -153,11 +140,11 @@ def iter_messages(
     """(lsn, raw message) rows of a peek, through a named cursor; inside the caller's
     transaction. `max_messages` is PostgreSQL's `upto_nchanges`."""
     cur = conn.cursor(name="pg_assets_cdc_peek", binary=True)
-    cur.adapters.register_loader(PG_LSN_OID, _LsnBinaryLoader)
     cur.itersize = itersize
     try:
         cur.execute(
-            "SELECT lsn, data FROM pg_logical_slot_peek_binary_changes(%s, NULL, %s,"
+            # the LSN as int8 (binary): psycopg loads it in C, no per-row Python loader
+            "SELECT (lsn - '0/0')::int8, data FROM pg_logical_slot_peek_binary_changes(%s, NULL, %s,"
             " 'proto_version', %s, 'publication_names', %s)",
             [slot, max_messages, str(proto_version), publication],
         )
@@ -195,11 +182,11 @@ def read_batch(
                 conn, slot, publication, max_messages=max_messages, itersize=itersize
             ):
                 batch.messages += 1
+                if data[0] in _DATA:
+                    writer.data(lsn, data)
+                    continue
                 msg = decode(data)
-                if isinstance(msg, Insert | Update | Delete | Truncate):
-                    writer.change(lsn, msg)
-                    batch.changes += len(msg.relids) if isinstance(msg, Truncate) else 1
-                elif isinstance(msg, Begin):
+                if isinstance(msg, Begin):
                     writer.begin(msg)
                     if batch.first_commit_lsn is None:
                         batch.first_commit_lsn = msg.final_lsn
@@ -221,6 +208,7 @@ def read_batch(
                     pass  # logical decoding messages are not table changes
                 else:
                     raise ProtocolError(f"unexpected {type(msg).__name__} in a non-streaming read")
+            batch.changes = writer.changes
             batch.files = writer.finish()
     except psycopg.Error as e:
         raise CdcError(f"reading replication slot {slot!r} failed: {e}") from e
