@@ -140,7 +140,10 @@ def replay(
         op = r[0]
         values = r[6 : 6 + len(names)]
         k = tuple(values[i] for i in kidx)
+        # strict: an insert of a key present, or an update/delete of a key absent, means the
+        # snapshot and the changes overlap or have a gap
         if op == b"I":
+            assert k not in table, f"insert of existing key {k}"
             table[k] = values
         elif op == b"U":
             old = r[7 + len(names) :]
@@ -149,6 +152,7 @@ def replay(
             if unchanged:
                 for name in unquote(unchanged).decode().strip("{}").split(","):  # type: ignore[union-attr]
                     values[names.index(name)] = before[names.index(name)]
+            assert k not in table, f"update onto existing key {k}"
             table[k] = values
         elif op == b"D":
             del table[k]
