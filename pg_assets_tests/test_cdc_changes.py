@@ -202,6 +202,19 @@ def test_update_delete_truncate_toast(db, env):
         TableKey(s, "full"): {"I": 2, "U": 1, "D": 1},
     }
     assert batch.transactions == 8 and batch.changes == 10
+    kv_file, full_file = batch.files
+    # each file's LSN and commit-time range: what the batch manifest will record per file
+    assert (kv_file.first_commit_lsn, kv_file.last_commit_lsn) == (
+        batch.first_commit_lsn,
+        batch.last_commit_lsn,
+    )
+    assert (kv_file.first_commit_time, kv_file.last_commit_time) == (
+        batch.first_commit_time,
+        batch.last_commit_time,
+    )
+    assert batch.first_commit_lsn < full_file.first_commit_lsn < full_file.last_commit_lsn
+    assert full_file.last_commit_lsn < batch.last_commit_lsn
+    assert full_file.last_commit_lsn == max(int(r[1], 16) for r in recs[1:])
 
 
 def test_schema_change_starts_a_new_file(db, env):
