@@ -339,3 +339,29 @@ def test_check_names_each_problem_in_one_line(db, env, pg_conninfo):
         f"(ALTER TABLE {s}.ok OWNER TO {role}, or add it as postgres)",
     ]
     assert all("\n" not in p for p in problems)
+
+
+def test_a_heartbeat_lets_the_slot_move_past_unpublished_wal(db, env):
+    """WAL that touches no published table gives the slot no commit to advance to; a
+    heartbeat message does, so the slot stops holding WAL for a quiet table."""
+    s, slot, pub = env
+    _make_table(db, s, "quiet", rows=0)
+    busy = _make_table(db, s, "busy", rows=0)
+    cdc_slot.ensure_publication(db, pub, [QualifiedName(s, "quiet")])
+    cdc_slot.ensure_slot(db, slot)
+    db.execute(
+        sql.SQL("INSERT INTO {} SELECT g, repeat('x', 300), 0 FROM generate_series(1, 20000) g")
+        .format(busy)
+    )  # fmt: skip
+    wait_flushed(db)
+    with psycopg.connect(db.info.dsn) as reader:
+        assert read(reader, slot, pub)[0].empty
+        before = cdc_slot.slot_health(db, slot)
+        assert before is not None and before.lag_bytes > 4_000_000
+        lsn = cdc_slot.emit_heartbeat(db, slot)
+        wait_flushed(db)
+        batch, files = read(reader, slot, pub)
+    assert (batch.transactions, batch.changes, batch.heartbeats, batch.files) == (1, 0, 1, [])
+    assert cdc_slot.advance_slot(db, slot, batch.end_lsn) > lsn
+    after = cdc_slot.slot_health(db, slot)
+    assert after is not None and after.lag_bytes < before.lag_bytes - 4_000_000

@@ -54,6 +54,10 @@ PINNED_SETTINGS: dict[str, str] = {
     "client_encoding": "UTF8",
 }
 
+HEARTBEAT_PREFIX = "pg_assets"
+# Rows per round trip of the named cursor: client memory is bounded by itersize × the largest
+# message (one row's values), so this stays modest; per-fetch overhead is negligible at 2000.
+DEFAULT_ITERSIZE = 2_000
 _DATA = frozenset(b"IUDT")  # Insert, Update, Delete, Truncate: formatted from raw bytes
 
 
@@ -67,8 +71,9 @@ class Batch:
 
     `start_lsn` is the slot's confirmed_flush_lsn when read (every transaction here committed
     at or after it); `end_lsn` is the end of the last commit record: advancing the slot there
-    marks exactly these transactions consumed. Both are None-free only if the batch is not
-    empty (`end_lsn is None` means nothing was pending).
+    marks exactly these transactions consumed. `end_lsn is None`: nothing was pending. A batch
+    may hold transactions and no changes: heartbeats (`slot.emit_heartbeat`), whose only
+    purpose is to give the slot a point to advance to past WAL holding no published change.
     """
 
     slot: str
@@ -82,6 +87,7 @@ class Batch:
     transactions: int = 0
     changes: int = 0
     messages: int = 0
+    heartbeats: int = 0
     files: list[PartStats] = field(default_factory=list)
     origins: set[str] = field(default_factory=set)
     types: dict[int, str] = field(default_factory=dict)
@@ -134,19 +140,21 @@ def iter_messages(
     publication: str,
     *,
     max_messages: int | None = None,
-    itersize: int = 10_000,
+    itersize: int = DEFAULT_ITERSIZE,
     proto_version: int = 1,
+    messages: bool = False,
 ):
     """(lsn, raw message) rows of a peek, through a named cursor; inside the caller's
-    transaction. `max_messages` is PostgreSQL's `upto_nchanges`."""
+    transaction. `max_messages` is PostgreSQL's `upto_nchanges`; `messages` asks pgoutput for
+    `pg_logical_emit_message` output too (see `slot.emit_heartbeat`)."""
     cur = conn.cursor(name="pg_assets_cdc_peek", binary=True)
     cur.itersize = itersize
     try:
         cur.execute(
             # the LSN as int8 (binary): psycopg loads it in C, no per-row Python loader
             "SELECT (lsn - '0/0')::int8, data FROM pg_logical_slot_peek_binary_changes(%s, NULL, %s,"
-            " 'proto_version', %s, 'publication_names', %s)",
-            [slot, max_messages, str(proto_version), publication],
+            " 'proto_version', %s, 'publication_names', %s, 'messages', %s)",
+            [slot, max_messages, str(proto_version), publication, str(messages).lower()],
         )
         yield from cur
     finally:
@@ -161,7 +169,8 @@ def read_batch(
     compressor: Callable[[], Compressor],
     *,
     max_messages: int | None = 1_000_000,
-    itersize: int = 10_000,
+    itersize: int = DEFAULT_ITERSIZE,
+    messages: bool = True,
     block_size: int = 4 << 20,
     gather_bytes: int = GATHER_BYTES,
 ) -> Batch:
@@ -179,7 +188,12 @@ def read_batch(
             pin_session(conn)
             batch = Batch(slot, publication, _slot_position(conn, slot))
             for lsn, data in iter_messages(
-                conn, slot, publication, max_messages=max_messages, itersize=itersize
+                conn,
+                slot,
+                publication,
+                max_messages=max_messages,
+                itersize=itersize,
+                messages=messages,
             ):
                 batch.messages += 1
                 if data[0] in _DATA:
@@ -205,7 +219,9 @@ def read_batch(
                 elif isinstance(msg, Origin):
                     batch.origins.add(msg.name)
                 elif isinstance(msg, Message):
-                    pass  # logical decoding messages are not table changes
+                    if msg.transactional and msg.prefix == HEARTBEAT_PREFIX:
+                        batch.heartbeats += 1
+                    # other applications' messages are not table changes: skipped
                 else:
                     raise ProtocolError(f"unexpected {type(msg).__name__} in a non-streaming read")
             batch.changes = writer.changes

@@ -269,6 +269,21 @@ def advance_slot(conn: psycopg.Connection, slot: str, lsn: int) -> int:
     return parse_lsn(row[0])  # type: ignore[index]
 
 
+def emit_heartbeat(conn: psycopg.Connection, slot: str) -> int:
+    """Write a transactional logical message (prefix `pg_assets`, content the slot name) and
+    return its LSN. Why: a slot only advances to the end of a decoded commit, so when the
+    database writes WAL but none of it touches a published table, the slot would hold that
+    WAL forever. The next batch contains this message's transaction (no changes), and
+    advancing to its end releases the WAL. Needs a writable connection on the primary."""
+    try:
+        row = conn.execute(
+            "SELECT pg_logical_emit_message(true, 'pg_assets', %s)::text", [slot]
+        ).fetchone()
+    except psycopg.Error as e:
+        raise CdcError(f"heartbeat for replication slot {slot!r} failed: {e}") from e
+    return parse_lsn(row[0])  # type: ignore[index]
+
+
 def drop_slot(conn: psycopg.Connection, slot: str) -> bool:
     """Drop the slot if it exists (it must not be in use); True if it did. The WAL it held
     back becomes recyclable: changes not yet in the lake are gone for good."""
