@@ -55,7 +55,9 @@ OLD_PREFIX = "_old_"
 GATHER_BYTES = 256 << 10
 
 _NEEDS_QUOTE = re.compile(rb'[",\r\n]')
-_ARRAY_NEEDS_QUOTE = re.compile(r'[{}",\\\s]|^$|^[Nn][Uu][Ll][Ll]$')
+# array_out quotes an element that is empty, is NULL (any case), or holds one of {}",\ or
+# PostgreSQL's array whitespace (ASCII only: a no-break space is not quoted)
+_ARRAY_NEEDS_QUOTE = re.compile(r'[{}",\\ \t\n\r\v\f]|^$|^[Nn][Uu][Ll][Ll]$')
 
 
 class ChangeFileError(ValueError):
@@ -100,7 +102,7 @@ def text_array(names: Sequence[str]) -> str:
 def pg_timestamptz_text(pg_microseconds: int) -> str:
     """timestamptz output under DateStyle=ISO, TimeZone=UTC: fraction without trailing zeros."""
     t = commit_datetime(pg_microseconds)
-    text = t.strftime("%Y-%m-%d %H:%M:%S")
+    text = f"{t.year:04d}-{t.month:02d}-{t.day:02d} {t.hour:02d}:{t.minute:02d}:{t.second:02d}"
     if t.microsecond:
         text += f".{t.microsecond:06d}".rstrip("0")
     return text + "+00"
