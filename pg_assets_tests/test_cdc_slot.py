@@ -365,3 +365,21 @@ def test_a_heartbeat_lets_the_slot_move_past_unpublished_wal(db, env):
     assert cdc_slot.advance_slot(db, slot, batch.end_lsn) > lsn
     after = cdc_slot.slot_health(db, slot)
     assert after is not None and after.lag_bytes < before.lag_bytes - 4_000_000
+
+
+def test_slot_creation_behind_a_long_transaction_is_bounded(db, env, pg_conninfo):
+    s, slot, pub = env
+    t = _make_table(db, s, "held", rows=1)
+    with psycopg.connect(pg_conninfo) as blocker:
+        blocker.execute(sql.SQL("UPDATE {} SET n = 1").format(t))  # holds an xid, uncommitted
+        with pytest.raises(CdcError, match=f"'{slot}' did not finish within 1 s.*long-running"):
+            with cdc_slot.exported_snapshot(pg_conninfo, slot, timeout_s=1):
+                pass
+        blocker.rollback()
+    for _ in range(100):  # the cancelled walsender drops its half-made slot as it exits
+        if not cdc_slot.slot_exists(db, slot):
+            break
+        time.sleep(0.05)
+    assert not cdc_slot.slot_exists(db, slot)
+    with cdc_slot.exported_snapshot(pg_conninfo, slot, timeout_s=30) as snap:
+        assert snap.consistent_lsn > 0

@@ -26,6 +26,8 @@ has a connect timeout.
 """
 
 import re
+import select
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -175,6 +177,7 @@ def exported_snapshot(
     *,
     temporary: bool = False,
     connect_timeout_s: float = 10,
+    timeout_s: float = 300,
     **connect_kwargs: Any,
 ) -> Iterator[ExportedSnapshot]:
     """Create logical slot `slot` (pgoutput) and export its consistent snapshot.
@@ -184,7 +187,8 @@ def exported_snapshot(
     connection closes, which ends the snapshot and, for a temporary slot, drops the slot.
     Raises SlotExistsError if a slot of that name exists: a snapshot is exported only at
     creation. Creation waits for transactions in progress to finish (that is what makes the
-    point consistent); a long-running transaction on the source delays it.
+    point consistent): a long-running transaction on the source delays it, so the command is
+    cancelled after `timeout_s` with an error saying what it waited for (no slot is left).
     """
     validate_slot_name(slot)
     try:
@@ -205,7 +209,7 @@ def exported_snapshot(
             f'CREATE_REPLICATION_SLOT "{slot}"{" TEMPORARY" if temporary else ""}'
             " LOGICAL pgoutput (SNAPSHOT 'export')"
         )
-        res = conn.pgconn.exec_(command.encode())
+        res = _exec_bounded(conn, command, timeout_s, slot)
         if res.status != ExecStatus.TUPLES_OK:
             error = (res.error_message or b"").decode(errors="replace").strip()
             state = res.error_field(psycopg.pq.DiagnosticField.SQLSTATE)
@@ -221,6 +225,33 @@ def exported_snapshot(
             consistent_lsn=parse_lsn(values["consistent_point"]),
             snapshot_name=values["snapshot_name"],
         )
+
+
+def _exec_bounded(conn: psycopg.Connection, command: str, timeout_s: float, slot: str):
+    """Run a walsender command through libpq's asynchronous interface, cancelling it after
+    `timeout_s` (a replication connection has no statement_timeout to rely on)."""
+    pgconn = conn.pgconn
+    pgconn.send_query(command.encode())
+    deadline = time.monotonic() + timeout_s
+    while True:
+        while pgconn.flush():
+            select.select([], [pgconn.socket], [], 1)
+        pgconn.consume_input()
+        if not pgconn.is_busy():
+            break
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            pgconn.get_cancel().cancel()
+            raise CdcError(
+                f"creating replication slot {slot!r} did not finish within {timeout_s:g} s: it "
+                "waits for every transaction in progress on the source to end; look for "
+                "long-running transactions (pg_stat_activity.xact_start) and retry"
+            )
+        select.select([pgconn.socket], [], [], min(remaining, 1))
+    result = None
+    while (res := pgconn.get_result()) is not None:
+        result = result or res
+    return result
 
 
 def import_snapshot(conn: psycopg.Connection, snapshot: ExportedSnapshot | str) -> None:
