@@ -41,6 +41,18 @@ class _Null:
         self.bytes += len(block)
 
 
+def peak_rss_mb() -> float:
+    """VmHWM belongs to this address space; ru_maxrss would include the forking parent's."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def child(conninfo: str, method: str) -> dict:
     from pg_assets.core.cdc.pgoutput import decode
     from pg_assets.core.cdc.reader import iter_messages, read_batch
@@ -78,7 +90,7 @@ def child(conninfo: str, method: str) -> dict:
             out["raw_bytes"] = sum(f.raw_bytes for f in batch.files)
             out["compressed_bytes"] = sum(s.bytes for s in sinks)
     out["seconds"] = time.perf_counter() - started
-    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out["peak_rss_mb"] = peak_rss_mb()
     return out
 
 

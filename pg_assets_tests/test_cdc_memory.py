@@ -27,13 +27,21 @@ class Null:
     def write(self, block):
         Null.size += len(block)
 
+def peak_rss_mb():
+    # VmHWM belongs to this address space; ru_maxrss would include the forking parent's
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
 conninfo, slot, pub = sys.argv[1:4]
 with psycopg.connect(conninfo) as conn:
     batch = read_batch(conn, slot, pub, lambda t, p: Null(),
                        lambda: get_codec("gzip").compressor(1), max_messages=None)
 print(json.dumps({"changes": batch.changes, "transactions": batch.transactions,
                   "raw_bytes": sum(f.raw_bytes for f in batch.files), "gzip_bytes": Null.size,
-                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                  "peak_rss_mb": peak_rss_mb()}))
 """
 
 
