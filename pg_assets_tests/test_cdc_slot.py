@@ -316,14 +316,20 @@ def test_check_names_each_problem_in_one_line(db, env, pg_conninfo):
     ]
 
     # a publication made by someone else, publishing inserts only; a slot of another plugin
-    db.execute(sql.SQL("CREATE PUBLICATION {} WITH (publish = 'insert')").format(q(pub)))
+    db.execute(sql.SQL("CREATE TABLE {} (id int PRIMARY KEY, v text)").format(q(s, "filtered")))
+    db.execute(
+        sql.SQL("CREATE PUBLICATION {} FOR TABLE {} WHERE (id > 0) WITH (publish = 'insert')")
+        .format(q(pub), q(s, "filtered"))
+    )  # fmt: skip
     db.execute("SELECT pg_create_logical_replication_slot(%s, 'test_decoding')", [slot])
     role = f"r_{slot}"
     db.execute(sql.SQL("CREATE ROLE {} LOGIN").format(q(role)))
     try:
         db.execute(sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(q(s), q(role)))
         with psycopg.connect(pg_conninfo, user=role, autocommit=True) as c:
-            problems = cdc_slot.check_cdc(c, tables=tables[:1], publication=pub, slot=slot)
+            problems = cdc_slot.check_cdc(
+                c, tables=[tables[0], QualifiedName(s, "filtered")], publication=pub, slot=slot
+            )
     finally:
         db.execute(sql.SQL("DROP OWNED BY {}").format(q(role)))
         db.execute(sql.SQL("DROP ROLE {}").format(q(role)))
@@ -337,6 +343,9 @@ def test_check_names_each_problem_in_one_line(db, env, pg_conninfo):
         f"replication slot '{slot}' uses plugin 'test_decoding', not pgoutput",
         f"table {s}.ok is owned by postgres; adding it to publication '{pub}' needs its owner "
         f"(ALTER TABLE {s}.ok OWNER TO {role}, or add it as postgres)",
+        f"publication '{pub}' publishes only some rows or columns of table {s}.filtered (a WHERE"
+        f" clause or column list); CDC needs all of them (ALTER PUBLICATION {pub} DROP TABLE "
+        f"{s}.filtered; ALTER PUBLICATION {pub} ADD TABLE {s}.filtered)",
     ]
     assert all("\n" not in p for p in problems)
 

@@ -503,6 +503,18 @@ def _check_table(
     if relkind not in ("r", "p"):
         return [f"{name} is not a table (relkind {relkind!r}); CDC needs a table"]
     problems = []
+    (filtered,) = conn.execute(
+        "SELECT EXISTS (SELECT 1 FROM pg_publication p JOIN pg_publication_rel r"
+        " ON r.prpubid = p.oid WHERE p.pubname = %s AND r.prrelid = %s"
+        " AND (to_jsonb(r) ->> 'prqual' IS NOT NULL OR to_jsonb(r) ->> 'prattrs' IS NOT NULL))",
+        [publication, oid],
+    ).fetchone()  # type: ignore[misc]
+    if filtered:
+        problems.append(
+            f"publication {publication!r} publishes only some rows or columns of table {name} "
+            f"(a WHERE clause or column list); CDC needs all of them (ALTER PUBLICATION "
+            f"{publication} DROP TABLE {name}; ALTER PUBLICATION {publication} ADD TABLE {name})"
+        )
     if table not in in_pub and not (owned or superuser):
         problems.append(
             f"table {name} is owned by {owner}; adding it to publication {publication!r} needs "
