@@ -323,8 +323,12 @@ def test_a_stream_ending_inside_a_transaction_is_an_error():
 def test_a_column_named_like_a_change_column_is_refused():
     files = MemoryFiles()
     w = ChangeWriter(files.open_part, files.compressor)
-    with pytest.raises(ValueError, match="table s.t: column '_op'"):
-        w.relation(Relation(1, "s", "t", "d", (Column(1, "id", 23, -1), Column(0, "_op", 25, -1))))
+    cols = (Column(1, "id", 23, -1), Column(0, "_op", 25, -1))
+    with pytest.raises(ValueError, match="table \"Sales Dept\".t: column '_op' clashes"):
+        w.relation(Relation(1, "Sales Dept", "t", "d", cols))
+    cols = (Column(1, "id", 23, -1), Column(0, "_old_id", 25, -1))
+    with pytest.raises(ValueError, match="column '_old_id' clashes"):
+        w.relation(Relation(1, "s", "t", "d", cols))
 
 
 def test_pinned_settings_are_the_contract():

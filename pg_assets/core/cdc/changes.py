@@ -150,6 +150,13 @@ class BlockCutter:
             self._writer.write(block)
 
 
+_PLAIN_IDENT = re.compile(r"[a-z_][a-z0-9_$]*")
+
+
+def _quote(name: str) -> str:
+    return name if _PLAIN_IDENT.fullmatch(name) else '"' + name.replace('"', '""') + '"'
+
+
 @dataclass(frozen=True)
 class TableKey:
     """A table as the change stream names it (schema '' would be pg_catalog; never ours)."""
@@ -158,7 +165,9 @@ class TableKey:
     name: str
 
     def __str__(self) -> str:
-        return f"{self.schema}.{self.name}"
+        """Quoted as PostgreSQL would for a human (keywords aside: `QualifiedName.display`
+        from the core identifiers module supersedes this once it lands)."""
+        return f"{_quote(self.schema)}.{_quote(self.name)}"
 
 
 @dataclass
