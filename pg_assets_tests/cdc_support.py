@@ -162,6 +162,16 @@ def replay(
 
 
 @pytest.fixture
+def cdc_env(db: psycopg.Connection, cdc_names) -> Iterator[tuple[str, str, str]]:
+    """(schema, slot, publication): a fresh schema for the test's tables, dropped after."""
+    slot, pub = cdc_names()
+    schema = f"cdc_{slot}"
+    db.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
+    yield schema, slot, pub
+    db.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(schema)))
+
+
+@pytest.fixture
 def cdc_names(pg_conninfo: str) -> Iterator[Callable[[], tuple[str, str]]]:
     """Fresh (slot, publication) names; whatever was created under them is dropped after."""
     made: list[tuple[str, str]] = []

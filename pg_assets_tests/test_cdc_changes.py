@@ -23,6 +23,7 @@ from pg_assets.core.cdc.reader import PINNED_SETTINGS
 from pg_assets.core.identifiers import QualifiedName
 from pg_assets_tests.cdc_support import (  # noqa: F401
     MemoryFiles,
+    cdc_env,
     cdc_names,
     pinned_copy,
     raw_records,
@@ -66,15 +67,6 @@ ROWS = [
 ]
 
 
-@pytest.fixture
-def env(db: psycopg.Connection, cdc_names):  # noqa: F811
-    slot, pub = cdc_names()
-    s = f"ch_{slot}"
-    db.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(s)))
-    yield s, slot, pub
-    db.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(s)))
-
-
 def _setup(db, s, slot, pub, *tables: str) -> None:
     cdc_slot.ensure_publication(db, pub, [QualifiedName(s, t) for t in tables])
     assert cdc_slot.ensure_slot(db, slot)
@@ -84,8 +76,8 @@ def _table_part(record: list[bytes], ncols: int) -> bytes:
     return b",".join(record[len(META_COLUMNS) : len(META_COLUMNS) + ncols]) + b"\n"
 
 
-def test_inserted_rows_are_byte_identical_to_copy(db, env):
-    s, slot, pub = env
+def test_inserted_rows_are_byte_identical_to_copy(db, cdc_env):  # noqa: F811
+    s, slot, pub = cdc_env
     mood, pos = sql.Identifier(s, "mood"), sql.Identifier(s, "pos")
     db.execute(sql.SQL("CREATE TYPE {} AS ENUM ('happy', 'sad', 'ok')").format(mood))
     db.execute(sql.SQL("CREATE DOMAIN {} AS int CHECK (VALUE > -10)").format(pos))
@@ -142,8 +134,8 @@ def test_csv_dialect_matches_copy_for_awkward_values(db):
         assert pg_timestamptz_text(us) == text
 
 
-def test_update_delete_truncate_toast(db, env):
-    s, slot, pub = env
+def test_update_delete_truncate_toast(db, cdc_env):  # noqa: F811
+    s, slot, pub = cdc_env
     kv, full = sql.Identifier(s, "kv"), sql.Identifier(s, "full")
     db.execute(sql.SQL('CREATE TABLE {} (id int PRIMARY KEY, v text, "Big Col" text)').format(kv))
     db.execute(sql.SQL('ALTER TABLE {} ALTER "Big Col" SET STORAGE EXTERNAL').format(kv))
@@ -213,8 +205,8 @@ def test_update_delete_truncate_toast(db, env):
     assert full_file.last_commit_lsn == max(int(r[1], 16) for r in recs[1:])
 
 
-def test_schema_change_starts_a_new_file(db, env):
-    s, slot, pub = env
+def test_schema_change_starts_a_new_file(db, cdc_env):  # noqa: F811
+    s, slot, pub = cdc_env
     t = sql.Identifier(s, "evolving")
     db.execute(sql.SQL("CREATE TABLE {} (id int PRIMARY KEY, v text)").format(t))
     _setup(db, s, slot, pub, "evolving")
@@ -239,8 +231,8 @@ def test_schema_change_starts_a_new_file(db, env):
     assert [r[6] for r in raw_records(files.data(s, "evolving", 2))[1:]] == [b"4"]
 
 
-def test_partitioned_table_changes_arrive_under_the_parent(db, env):
-    s, slot, pub = env
+def test_partitioned_table_changes_arrive_under_the_parent(db, cdc_env):  # noqa: F811
+    s, slot, pub = cdc_env
     p = sql.Identifier(s, "events")
     db.execute(
         sql.SQL("CREATE TABLE {} (id int, day date, v text, PRIMARY KEY (id, day))"
@@ -279,8 +271,8 @@ def test_partitioned_table_changes_arrive_under_the_parent(db, env):
     ]
 
 
-def test_batches_hold_whole_transactions_and_advance_exactly(db, env):
-    s, slot, pub = env
+def test_batches_hold_whole_transactions_and_advance_exactly(db, cdc_env):  # noqa: F811
+    s, slot, pub = cdc_env
     t = sql.Identifier(s, "seq")
     db.execute(sql.SQL("CREATE TABLE {} (id int PRIMARY KEY)").format(t))
     _setup(db, s, slot, pub, "seq")

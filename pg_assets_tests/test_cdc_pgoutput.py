@@ -14,7 +14,7 @@ from pg_assets.core.cdc.changes import NEVER_QUOTED_TYPES, csv_field, csv_tuple
 from pg_assets.core.cdc.lsn import format_lsn, lsn_hex, parse_lsn, parse_lsn_hex
 from pg_assets.core.cdc.reader import iter_messages
 from pg_assets.core.identifiers import QualifiedName
-from pg_assets_tests.cdc_support import cdc_names, wait_flushed  # noqa: F401
+from pg_assets_tests.cdc_support import cdc_env, cdc_names, wait_flushed  # noqa: F401
 
 RAW_TYPES = {21, 23, 20, 26, 700, 701, 1700}  # printed bare by test_decoding
 
@@ -151,17 +151,8 @@ def _strip_empty(lines: list[tuple[str, str]]) -> list[tuple[str, str]]:
     return out
 
 
-@pytest.fixture
-def schema(db: psycopg.Connection, cdc_names):  # noqa: F811
-    slot, pub = cdc_names()
-    name = f"po_{slot}"
-    db.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(name)))
-    yield name, slot, pub
-    db.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(name)))
-
-
-def test_decoded_stream_matches_test_decoding(db: psycopg.Connection, schema):
-    s, slot, pub = schema
+def test_decoded_stream_matches_test_decoding(db: psycopg.Connection, cdc_env):  # noqa: F811
+    s, slot, pub = cdc_env
     ident = sql.Identifier
     items, lines, full = ident(s, "items"), ident(s, "Order Lines"), ident(s, "full_ident")
     db.execute(
@@ -253,10 +244,10 @@ def test_decoded_stream_matches_test_decoding(db: psycopg.Connection, schema):
     assert ours == theirs
 
 
-def test_protocol_2_streamed_transaction(db: psycopg.Connection, schema):
+def test_protocol_2_streamed_transaction(db: psycopg.Connection, cdc_env):  # noqa: F811
     """With `streaming` (protocol 2) a large transaction arrives in Stream Start/Stop blocks
     whose data messages carry its xid; `Decoder` reads them. (pg_assets reads protocol 1.)"""
-    s, slot, pub = schema
+    s, slot, pub = cdc_env
     t = sql.Identifier(s, "big")
     db.execute(sql.SQL("CREATE TABLE {} (id int PRIMARY KEY, v text)").format(t))
     cdc_slot.ensure_publication(db, pub, [QualifiedName(s, "big")])

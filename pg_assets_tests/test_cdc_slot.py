@@ -17,6 +17,7 @@ from pg_assets.core.cdc.lsn import lsn_hex
 from pg_assets.core.cdc.reader import PINNED_SETTINGS, CdcError
 from pg_assets.core.identifiers import QualifiedName
 from pg_assets_tests.cdc_support import (  # noqa: F401
+    cdc_env,
     cdc_names,
     pinned_copy,
     raw_records,
@@ -24,15 +25,6 @@ from pg_assets_tests.cdc_support import (  # noqa: F401
     replay,
     wait_flushed,
 )
-
-
-@pytest.fixture
-def env(db: psycopg.Connection, cdc_names):  # noqa: F811
-    slot, pub = cdc_names()
-    s = f"sl_{slot}"
-    db.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(s)))
-    yield s, slot, pub
-    db.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(s)))
 
 
 class Writer(threading.Thread):
@@ -140,8 +132,8 @@ def _make_table(db, s: str, name: str, rows: int = 3000) -> sql.Composable:
     return t
 
 
-def test_snapshot_plus_changes_is_the_table(db, env, pg_conninfo):
-    s, slot, pub = env
+def test_snapshot_plus_changes_is_the_table(db, cdc_env, pg_conninfo):  # noqa: F811
+    s, slot, pub = cdc_env
     t = _make_table(db, s, "live")
     cdc_slot.ensure_publication(db, pub, [QualifiedName(s, "live")])
     writer = Writer(pg_conninfo, t, seed=1)
@@ -171,8 +163,8 @@ def test_snapshot_plus_changes_is_the_table(db, env, pg_conninfo):
     assert replayed == final
 
 
-def test_a_table_added_later_is_snapshotted_through_a_temporary_slot(db, env, pg_conninfo):
-    s, slot, pub = env
+def test_a_table_added_later_is_snapshotted_through_a_temporary_slot(db, cdc_env, pg_conninfo):  # noqa: F811
+    s, slot, pub = cdc_env
     _make_table(db, s, "first", rows=10)
     later = _make_table(db, s, "later")
     cdc_slot.ensure_publication(db, pub, [QualifiedName(s, "first")])
@@ -208,8 +200,8 @@ def test_a_table_added_later_is_snapshotted_through_a_temporary_slot(db, env, pg
     assert (header, replayed) == _final(db, later)
 
 
-def test_advance_health_and_drop(db, env):
-    s, slot, pub = env
+def test_advance_health_and_drop(db, cdc_env):  # noqa: F811
+    s, slot, pub = cdc_env
     t = _make_table(db, s, "h", rows=0)
     cdc_slot.ensure_publication(db, pub, [QualifiedName(s, "h")])
     cdc_slot.ensure_slot(db, slot)
@@ -244,8 +236,8 @@ def test_advance_health_and_drop(db, env):
 @pytest.mark.skipif(
     bool(os.environ.get("PG_ASSETS_TEST_CONNINFO")), reason="changes a server-wide setting"
 )
-def test_a_lost_slot_is_a_clear_failure(db, env):
-    s, slot, pub = env
+def test_a_lost_slot_is_a_clear_failure(db, cdc_env):  # noqa: F811
+    s, slot, pub = cdc_env
     _make_table(db, s, "gone", rows=1)
     cdc_slot.ensure_publication(db, pub, [QualifiedName(s, "gone")])
     cdc_slot.ensure_slot(db, slot)
@@ -275,8 +267,8 @@ def test_a_lost_slot_is_a_clear_failure(db, env):
     ]
 
 
-def test_check_names_each_problem_in_one_line(db, env, pg_conninfo):
-    s, slot, pub = env
+def test_check_names_each_problem_in_one_line(db, cdc_env, pg_conninfo):  # noqa: F811
+    s, slot, pub = cdc_env
     q = sql.Identifier
     db.execute(sql.SQL("CREATE TABLE {} (id int PRIMARY KEY)").format(q(s, "ok")))
     db.execute(sql.SQL("CREATE TABLE {} (id int)").format(q(s, "No Key")))
@@ -350,10 +342,10 @@ def test_check_names_each_problem_in_one_line(db, env, pg_conninfo):
     assert all("\n" not in p for p in problems)
 
 
-def test_a_heartbeat_lets_the_slot_move_past_unpublished_wal(db, env):
+def test_a_heartbeat_lets_the_slot_move_past_unpublished_wal(db, cdc_env):  # noqa: F811
     """WAL that touches no published table gives the slot no commit to advance to; a
     heartbeat message does, so the slot stops holding WAL for a quiet table."""
-    s, slot, pub = env
+    s, slot, pub = cdc_env
     _make_table(db, s, "quiet", rows=0)
     busy = _make_table(db, s, "busy", rows=0)
     cdc_slot.ensure_publication(db, pub, [QualifiedName(s, "quiet")])
@@ -376,8 +368,8 @@ def test_a_heartbeat_lets_the_slot_move_past_unpublished_wal(db, env):
     assert after is not None and after.lag_bytes < before.lag_bytes - 4_000_000
 
 
-def test_slot_creation_behind_a_long_transaction_is_bounded(db, env, pg_conninfo):
-    s, slot, pub = env
+def test_slot_creation_behind_a_long_transaction_is_bounded(db, cdc_env, pg_conninfo):  # noqa: F811
+    s, slot, pub = cdc_env
     t = _make_table(db, s, "held", rows=1)
     with psycopg.connect(pg_conninfo) as blocker:
         blocker.execute(sql.SQL("UPDATE {} SET n = 1").format(t))  # holds an xid, uncommitted

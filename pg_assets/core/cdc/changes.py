@@ -38,6 +38,7 @@ from typing import Protocol
 
 from pg_assets.core.cdc.lsn import lsn_hex
 from pg_assets.core.cdc.pgoutput import (
+    BINARY_VALUE,
     Begin,
     Column,
     Commit,
@@ -251,10 +252,7 @@ def csv_tuple(
                 unchanged = []
             unchanged.append(i)
         elif kind == 0x62:  # 'b'
-            raise ProtocolError(
-                "binary tuple value received; pg_assets reads text output only "
-                "(do not pass the 'binary' option)"
-            )
+            raise ProtocolError(BINARY_VALUE)
         else:
             raise ProtocolError(f"unknown tuple value kind {chr(kind)!r}")
     if pos > len(data):

@@ -55,6 +55,10 @@ class _Unchanged:
 
 
 UNCHANGED = _Unchanged()
+BINARY_VALUE = (
+    "binary tuple value received; pg_assets reads text output only "
+    "(do not pass the 'binary' option)"
+)
 Value = bytes | None | _Unchanged
 
 
@@ -240,10 +244,7 @@ def read_tuple(buf: bytes, pos: int) -> tuple[list[Value], int]:
         elif kind == 0x75:  # 'u'
             append(UNCHANGED)
         elif kind == 0x62:  # 'b'
-            raise ProtocolError(
-                "binary tuple value received; pg_assets reads text output only "
-                "(do not pass the 'binary' option)"
-            )
+            raise ProtocolError(BINARY_VALUE)
         else:
             raise ProtocolError(f"unknown tuple value kind {chr(kind)!r}")
     return values, pos
