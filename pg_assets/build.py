@@ -14,7 +14,9 @@ def build_resources(config: ProjectConfig) -> dict[str, object]:
     """The config file's `postgres` and `bronze` sections are the resources' own fields."""
     bronze = config.bronze.model_dump(exclude={"adls"})
     return {
-        "postgres": PostgresResource(**config.postgres.model_dump(exclude={"retries"})),
+        "postgres": PostgresResource(
+            **config.postgres.model_dump(exclude={"retries", "lock_timeout_s"})
+        ),
         "bronze": BronzeResource(
             **{**bronze, "level": config.bronze_level()}, adls=config.bronze.adls
         ),

@@ -35,13 +35,13 @@ def resolve_tables(config: ProjectConfig) -> list[ResolvedTable]:
         with psycopg.connect(
             conninfo, **connect_kwargs(min(pg.connect_timeout_s, 5), 0), autocommit=True
         ) as conn:
-            for t in config.tables:
+            for t in config.tables_of("daily"):
                 try:
                     infos[t.table] = describe_table(conn, t.name, t.column)
                 except CatalogError as e:
                     raise ConfigError(f"{config.table_context(t)}: key {e.key!r}: {e}") from None
     except (psycopg.OperationalError, RuntimeError) as e:
-        missing = [t for t in config.tables if t.start is None]
+        missing = [t for t in config.tables_of("daily") if t.start is None]
         if missing:
             raise ConfigError(
                 f"{config.table_context(missing[0])}: key 'start': not set, and the first day "
@@ -50,7 +50,7 @@ def resolve_tables(config: ProjectConfig) -> list[ResolvedTable]:
             ) from None
         log.warning("PostgreSQL unreachable at load; catalog checks deferred to runs: %s", e)
     resolved = []
-    for t in config.tables:
+    for t in config.tables_of("daily"):
         info = infos.get(t.table)
         start = t.start or (first_day(info, t.timezone) if info else None)
         if start is None:

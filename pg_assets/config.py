@@ -12,15 +12,24 @@ import datetime as dt
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from pg_assets.core.compression import CODECS, get_codec
 from pg_assets.core.identifiers import QualifiedName, parse_column_name, parse_qualified_name
+from pg_assets.core.layout import table_folder
 from pg_assets.resources.bronze import AdlsSettings
 
 CONFIG_ENV = "PG_ASSETS_CONFIG"
@@ -45,6 +54,12 @@ class PostgresConfig(_Strict):
     connect_timeout_s: float = Field(default=10, gt=0)
     statement_timeout_s: float = Field(default=0, ge=0, description="0 = no limit")
     retries: int = Field(default=2, ge=0, description="Retries after a lost connection.")
+    lock_timeout_s: float = Field(
+        default=60,
+        gt=0,
+        description="How long a day waits for another run of the same day, and for DDL "
+        "holding a lock on the relations it reads.",
+    )
 
 
 class BronzeConfig(_Strict):
@@ -63,10 +78,28 @@ class BronzeConfig(_Strict):
 
 
 class TableConfig(_Strict):
+    """One table. `mode` decides how it lands: `daily` (a partition per day, by
+    `partition_column`), `incremental` (watermark batches by `cursor`, driven by a sensor) or
+    `cdc` (change files from the source's logical replication slot, driven by a sensor)."""
+
     table: str
-    partition_column: str
+    mode: Literal["daily", "incremental", "cdc"] = "daily"
+    partition_column: str | None = None
     start: dt.date | None = None
     timezone: str = "UTC"
+    cursor: str | None = Field(default=None, description="incremental: the watermark column")
+    key: list[str] | None = Field(
+        default=None, description="incremental: the row identity readers dedupe by"
+    )
+    lookback: str | int | None = Field(
+        default=None,
+        description="incremental: re-read this far below the watermark (an interval such as "
+        "'5 minutes' for time cursors, a count for integer cursors)",
+    )
+    batch_max_rows: int | None = Field(default=None, gt=0)
+    poll_interval_s: float = Field(
+        default=30, gt=0, description="incremental: how often the sensor looks for new rows"
+    )
 
     @field_validator("table")
     @classmethod
@@ -74,11 +107,37 @@ class TableConfig(_Strict):
         parse_qualified_name(v)
         return v
 
-    @field_validator("partition_column")
+    @field_validator("partition_column", "cursor")
     @classmethod
-    def _valid_column(cls, v: str) -> str:
-        parse_column_name(v)
+    def _valid_column(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_column_name(v)
         return v
+
+    @field_validator("key")
+    @classmethod
+    def _valid_key(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None:
+            if not v:
+                raise ValueError("must name at least one column")
+            for column in v:
+                parse_column_name(column)
+        return v
+
+    @model_validator(mode="after")
+    def _keys_of_mode(self) -> "TableConfig":
+        required = {"daily": ("partition_column",), "incremental": ("cursor", "key"), "cdc": ()}
+        allowed = {
+            "daily": {"partition_column", "start", "timezone"},
+            "incremental": {"cursor", "key", "lookback", "batch_max_rows", "poll_interval_s"},
+            "cdc": {"key"},
+        }
+        for k in required[self.mode]:
+            if getattr(self, k) is None:
+                raise ValueError(f"key {k!r}: required with mode {self.mode!r}")
+        for k in self.model_fields_set - allowed[self.mode] - {"table", "mode"}:
+            raise ValueError(f"key {k!r}: not used with mode {self.mode!r}")
+        return self
 
     @field_validator("timezone")
     @classmethod
@@ -97,7 +156,18 @@ class TableConfig(_Strict):
 
     @property
     def column(self) -> str:
+        """The daily partition column (mode `daily` only)."""
+        assert self.partition_column is not None, f"{self.table} is not a daily table"
         return parse_column_name(self.partition_column)
+
+    @property
+    def cursor_column(self) -> str:
+        assert self.cursor is not None, f"{self.table} is not an incremental table"
+        return parse_column_name(self.cursor)
+
+    @property
+    def key_columns(self) -> list[str]:
+        return [parse_column_name(c) for c in self.key or []]
 
     def fingerprint(self, bronze: BronzeConfig) -> str:
         """A code_version: changes whenever what lands in Bronze for this table would change."""
@@ -105,12 +175,36 @@ class TableConfig(_Strict):
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
 
+class CdcConfig(_Strict):
+    """The source's logical replication: one publication and one slot for its `cdc` tables."""
+
+    slot: str | None = Field(
+        default=None, pattern=r"^[a-z0-9_]{1,63}$", description="default: pg_assets_<source>"
+    )
+    publication: str | None = Field(default=None, description="default: pg_assets_<source>")
+    batch_max_changes: int = Field(default=100_000, gt=0)
+    max_lag_mb: float = Field(default=1024, gt=0, description="retained WAL that warns")
+    poll_interval_s: float = Field(default=30, gt=0)
+
+
 class ProjectConfig(_Strict):
     source: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     postgres: PostgresConfig = PostgresConfig()
     bronze: BronzeConfig
+    cdc: CdcConfig = CdcConfig()
     tables: list[TableConfig] = Field(min_length=1)
     path: Path | None = Field(default=None, exclude=True)
+
+    def tables_of(self, mode: str) -> list[TableConfig]:
+        return [t for t in self.tables if t.mode == mode]
+
+    @property
+    def slot_name(self) -> str:
+        return self.cdc.slot or f"pg_assets_{self.source.lower()}"
+
+    @property
+    def publication_name(self) -> str:
+        return self.cdc.publication or f"pg_assets_{self.source.lower()}"
 
     def table_context(self, table: TableConfig) -> str:
         return f"{self.path or '<config>'}: table {table.table!r}"
@@ -131,6 +225,8 @@ def _describe_error(path: Path, raw: dict[str, Any], err: dict[str, Any]) -> str
         loc = loc[2:]
     key = ".".join(str(p) for p in loc) or "(top level)"
     msg = err["msg"].removeprefix("Value error, ")
+    if key == "(top level)" and (m := re.match(r"key '([^']+)': (.*)", msg, re.S)):
+        key, msg = m.groups()  # a rule over several keys names the one at fault
     if err["type"] == "extra_forbidden":
         msg = "unknown key"
     return f"{where}: key {key!r}: {msg}"
@@ -154,10 +250,21 @@ def load_config(path: str | os.PathLike[str] | None = None) -> ProjectConfig:
             "\n".join(_describe_error(path, raw, err) for err in e.errors())
         ) from None
     seen: dict[QualifiedName, str] = {}
+    folders: dict[str, str] = {}
     for t in cfg.tables:
         if t.name in seen:
             raise ConfigError(f"{cfg.table_context(t)}: key 'table': listed twice")
         seen[t.name] = t.table
+        # Encoded folders are distinct per table; only letter case can still make two meet
+        # (a case-insensitive file system, or a reader that lower-cases paths).
+        folder = table_folder(cfg.source, t.name)
+        if (other := folders.get(folder.lower())) is not None:
+            raise ConfigError(
+                f"{cfg.table_context(t)}: key 'table': its Bronze folder {folder!r} differs "
+                f"from that of {other!r} only in letter case; the two would share a folder on "
+                "case-insensitive storage. Land them from separate sources."
+            )
+        folders[folder.lower()] = t.table
     codec = get_codec(cfg.bronze.codec)
     level = cfg.bronze_level()
     if level not in codec.levels:

@@ -2,6 +2,8 @@
 named by PG_ASSETS_TEST_CONNINFO) and, for ADLS tests, the loopback DFS test server."""
 
 import datetime as dt
+import hashlib
+import json
 import os
 import warnings
 from collections.abc import Callable, Iterator
@@ -16,6 +18,9 @@ from psycopg import sql
 
 from pg_assets.build import build_definitions, build_resources
 from pg_assets.config import ProjectConfig, load_config
+from pg_assets.core.identifiers import QualifiedName
+from pg_assets.core.layout import daily_paths
+from pg_assets.sinks.base import Sink
 
 warnings.filterwarnings("ignore", module="platformdirs")
 
@@ -89,6 +94,12 @@ class Project:
             **kwargs,
         )
 
+    def sink(self) -> Sink:
+        return build_resources(self.config)["bronze"].get_sink()  # type: ignore[attr-defined]
+
+    def read_day(self, table: QualifiedName, day: dt.date | str) -> tuple[bytes, dict[str, Any]]:
+        return read_day(self.sink(), self.config.source, table, day)
+
     def metadata(self, result) -> dict[str, Any]:
         (event,) = result.get_asset_materialization_events()
         return {k: v.value for k, v in event.materialization.metadata.items()}
@@ -100,6 +111,24 @@ def project(tmp_path: Path, instance: DagsterInstance) -> Callable[..., Project]
         return Project(write_config(tmp_path / "pg_assets.yaml", tables, **overrides), instance)
 
     return make
+
+
+def read_day(
+    sink: Sink, source: str, table: QualifiedName, day: dt.date | str
+) -> tuple[bytes, dict[str, Any]]:
+    """A day's committed data and manifest, found as a reader finds them: through the
+    manifest. Also checks what every ended run must leave: the manifest describes the file
+    beside it, and that file is the day's only data file."""
+    if isinstance(day, str):
+        day = dt.date.fromisoformat(day)
+    paths = daily_paths(source, table, day)
+    manifest = json.loads(sink.read_bytes(paths.manifest))
+    data_rel = f"{paths.folder}/{manifest['file']}"
+    data = sink.read_bytes(data_rel)
+    assert hashlib.sha256(data).hexdigest() == manifest["sha256"]
+    assert len(data) == manifest["compressed_bytes"]
+    assert [f for f in sink.list_files(paths.folder) if f != paths.manifest] == [data_rel]
+    return data, manifest
 
 
 def postgres_copy(conn: psycopg.Connection, query: sql.Composable) -> bytes:

@@ -5,7 +5,6 @@ import base64
 import datetime as dt
 import gzip
 import hashlib
-import json
 
 import psycopg
 import pytest
@@ -35,8 +34,11 @@ def orders(pg_conninfo: str) -> None:
         )
 
 
+NAME = QualifiedName("lake", "orders")
+
+
 def paths(day: dt.date):
-    return daily_paths("test", QualifiedName("lake", "orders"), day, ".gz")
+    return daily_paths("test", NAME, day)
 
 
 def lake(relpath: str) -> str:
@@ -49,15 +51,15 @@ def test_partition_on_adls_matches_postgres_copy(orders, adls, project, db):
     assert result.success
     meta = p.metadata(result)
     files = adls.files("bronze")
-    data = files[lake(paths(DAYS[0]).data)]
+    data, manifest = p.read_day(NAME, DAYS[0])
+    data_rel = f"{paths(DAYS[0]).folder}/{manifest['file']}"
     expected = postgres_copy(db, day_query(sql.Identifier("lake", "orders"), "order_date", DAYS[0]))
     assert gzip.decompress(data) == expected
 
-    manifest = json.loads(files[lake(paths(DAYS[0]).manifest)])
-    uri = f"abfss://bronze@devstoreaccount1.dfs.core.windows.net/lake/{paths(DAYS[0]).data}"
+    uri = f"abfss://bronze@devstoreaccount1.dfs.core.windows.net/lake/{data_rel}"
     assert manifest["uri"] == meta["dagster/uri"] == uri
     assert manifest["rows"] == SMALL and manifest["sha256"] == hashlib.sha256(data).hexdigest()
-    stored = adls.filesystems["bronze"][lake(paths(DAYS[0]).data)]
+    stored = adls.filesystems["bronze"][lake(data_rel)]
     assert manifest["etag"] == stored.etag
     assert stored.content_type == "application/gzip"
     assert base64.b64decode(stored.content_md5) == hashlib.md5(data).digest()
@@ -97,7 +99,7 @@ def test_failed_append_leaves_nothing_and_rerun_succeeds(orders, adls, project, 
 
     adls.faults.clear()
     assert p.materialize(DAYS[1].isoformat()).success
-    data = adls.files("bronze")[lake(paths(DAYS[1]).data)]
+    data, _ = p.read_day(NAME, DAYS[1])
     expected = postgres_copy(db, day_query(sql.Identifier("lake", "orders"), "order_date", DAYS[1]))
     assert gzip.decompress(data) == expected
 

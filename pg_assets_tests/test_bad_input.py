@@ -10,8 +10,6 @@ from dagster import DagsterInvariantViolationError, DagsterUnknownPartitionError
 
 from pg_assets.config import ConfigError
 from pg_assets.core.identifiers import QualifiedName
-from pg_assets.core.layout import daily_paths
-from pg_assets.sinks.local import LocalSink
 from pg_assets_tests.conftest import day_query, postgres_copy, write_config
 
 DAY = dt.date(2026, 10, 2)
@@ -54,7 +52,7 @@ def test_quoted_identifiers_work(odd, project, db):
     result = p.materialize(DAY.isoformat())
     assert result.success
     name = QualifiedName('Odd "Schema"', "Order Lines")
-    data = LocalSink(p.config.bronze.root).read_bytes(daily_paths("test", name, DAY, ".gz").data)
+    data, _ = p.read_day(name, DAY)
     expected = postgres_copy(db, day_query(name.identifier, "Order Date", DAY))
     assert gzip.decompress(data) == expected
     assert expected.startswith(b'Line Id,Order Date,"Amount, EUR",amount\n')

@@ -4,7 +4,6 @@ PostgreSQL's own `COPY (SELECT * FROM parent WHERE <day>) TO STDOUT (FORMAT csv,
 import datetime as dt
 import gzip
 import hashlib
-import json
 
 import psycopg
 import pytest
@@ -12,7 +11,6 @@ from psycopg import sql
 
 from pg_assets.core.compression import get_codec
 from pg_assets.core.identifiers import QualifiedName
-from pg_assets.core.layout import daily_paths
 from pg_assets.dev.demo_data import ORDER_COLUMNS, create_daily_partitioned, insert_orders
 from pg_assets.sinks.local import LocalSink
 from pg_assets_tests.conftest import day_query, postgres_copy
@@ -141,8 +139,7 @@ def test_partition_matches_postgres_copy(
     schema, name = table.split(".")
     expected = postgres_copy(db, day_query(sql.Identifier(schema, name), column, day, kind, tz))
     sink = LocalSink(p.config.bronze.root)
-    paths = daily_paths("test", QualifiedName(schema, name), day, ".gz")
-    data = sink.read_bytes(paths.data)
+    data, manifest = p.read_day(QualifiedName(schema, name), day)
     assert gzip.decompress(data) == expected
 
     (count,) = db.execute(
@@ -150,7 +147,6 @@ def test_partition_matches_postgres_copy(
             day_query(sql.Identifier(schema, name), column, day, kind, tz)
         )
     ).fetchone()
-    manifest = json.loads(sink.read_bytes(paths.manifest))
     assert manifest["rows"] == meta["dagster/partition_row_count"] == count > 0
     assert manifest["sha256"] == hashlib.sha256(data).hexdigest()
     assert manifest["raw_bytes"] == len(expected)
@@ -159,7 +155,9 @@ def test_partition_matches_postgres_copy(
     assert [c["name"] for c in manifest["columns"]] == expected.split(b"\n", 1)[0].decode().split(
         ","
     )
-    assert manifest["snapshot_lsn"] and "/" in manifest["snapshot_lsn"]
+    assert "/" in manifest["snapshot"]["lsn_upper_bound"]
+    assert manifest["snapshot"]["txid_snapshot"].count(":") == 2
+    assert manifest["session"]["DateStyle"].startswith("ISO")
     assert sink.list_files("_staging") == []
     if table == "plan.tz" and tz == "Europe/Berlin":
         assert count == 25 * 60  # the DST day has 25 hours in Berlin
@@ -170,16 +168,29 @@ def test_first_day_defaults_to_lowest_partition_bound(tables, project):
     assert p.asset().partitions_def.start.date() == DAYS[0]
 
 
-def test_rematerialize_overwrites_without_duplicates(tables, project):
+def test_rematerialize_replaces_without_duplicates(tables, project):
     p = project([{"table": "plan.daily", "partition_column": "order_date", "start": "2026-10-01"}])
-    for _ in range(2):
-        assert p.materialize(DAYS[0].isoformat()).success
-    sink = LocalSink(p.config.bronze.root)
-    folder = daily_paths("test", QualifiedName("plan", "daily"), DAYS[0], ".gz").folder
-    assert [f.rsplit("/", 1)[1] for f in sink.list_files(folder)] == [
-        "_manifest.json",
-        "daily-2026-10-24.csv.gz",
-    ]
+    name = QualifiedName("plan", "daily")
+    assert p.materialize(DAYS[0].isoformat()).success
+    first, m1 = p.read_day(name, DAYS[0])
+    assert p.materialize(DAYS[0].isoformat()).success
+    second, m2 = p.read_day(name, DAYS[0])  # one data file: the first version is gone
+    assert m2["file"] != m1["file"] and m2["file"].startswith("daily-2026-10-24-")
+    assert gzip.decompress(first) == gzip.decompress(second)
+    assert m2["history"][0] == {
+        k: m1[k] for k in ("file", "rows", "sha256", "compressed_bytes", "extracted_at", "run_id")
+    }
+
+
+def test_codec_change_leaves_one_data_file(tables, project):
+    table = {"table": "plan.daily", "partition_column": "order_date", "start": "2026-10-01"}
+    name = QualifiedName("plan", "daily")
+    assert project([table]).materialize(DAYS[1].isoformat()).success
+    p = project([table], bronze={"codec": "zstd"})
+    assert p.materialize(DAYS[1].isoformat()).success
+    data, manifest = p.read_day(name, DAYS[1])  # asserts the .csv.gz is gone
+    assert manifest["file"].endswith(".csv.zst") and manifest["codec"] == "zstd"
+    assert manifest["history"][0]["file"].endswith(".csv.gz")
 
 
 @pytest.mark.parametrize("codec,level", [("gzip", 0), ("gzip", 6), ("zstd", 3)])
@@ -190,9 +201,8 @@ def test_codecs_roundtrip(tables, project, db, codec, level):
     )
     assert p.materialize(DAYS[0].isoformat()).success
     c = get_codec(codec)
-    data = LocalSink(p.config.bronze.root).read_bytes(
-        daily_paths("test", QualifiedName("plan", "monthly"), DAYS[0], c.extension).data
-    )
+    data, manifest = p.read_day(QualifiedName("plan", "monthly"), DAYS[0])
+    assert manifest["file"].endswith(f".csv{c.extension}")
     expected = postgres_copy(
         db, day_query(sql.Identifier("plan", "monthly"), "order_date", DAYS[0])
     )

@@ -11,7 +11,6 @@ import datetime as dt
 import re
 from collections.abc import Iterable
 
-import psycopg
 import psycopg_pool
 from dagster import (
     AssetExecutionContext,
@@ -29,13 +28,11 @@ from dagster import (
 
 from pg_assets.catalog import ResolvedTable
 from pg_assets.config import ProjectConfig
-from pg_assets.core.extract import ExtractionError, extract_partition
-from pg_assets.core.layout import daily_paths
-from pg_assets.core.planner import CatalogError, Column, describe_table, plan_day
+from pg_assets.core.errors import classify
+from pg_assets.core.extract import ExtractionError, extract_day
+from pg_assets.core.planner import CatalogError, Column
 from pg_assets.resources.bronze import BronzeResource
 from pg_assets.resources.postgres import PostgresResource
-
-TRANSIENT = (psycopg.OperationalError, psycopg_pool.PoolTimeout)
 
 
 def safe_name(text: str) -> str:
@@ -57,12 +54,26 @@ def column_schema(columns: Iterable[Column]) -> TableSchema:
     return TableSchema(columns=[TableColumn(c.name, c.type) for c in columns])
 
 
-def _is_transient(error: BaseException) -> bool:
-    while error is not None:
-        if isinstance(error, TRANSIENT):
-            return True
-        error = error.__cause__  # type: ignore[assignment]
-    return False
+def _failure_or_retry(
+    context: AssetExecutionContext,
+    error: Exception,
+    where: str,
+    retries: int,
+    postgres: PostgresResource,
+) -> Exception:
+    """Retry only what a retry can fix (see `pg_assets.core.errors`); say which it was."""
+    kind = classify(error)
+    if isinstance(error, psycopg_pool.PoolTimeout) or kind.kind == "no connection from the pool":
+        cause = postgres.diagnose()  # the server's own words: a wrong password, a missing db
+        if cause is not None:
+            error, kind = cause, classify(cause)
+    message = str(error) if isinstance(error, ExtractionError) else f"{where}: {error}"
+    if kind.retryable and retries and context.retry_number < retries:
+        wait = min(30, 2**context.retry_number)  # 1 s, 2 s, 4 s … capped at 30 s
+        context.log.warning(f"{message} [{kind.kind}; retry in {wait} s]")
+        return RetryRequested(max_retries=retries, seconds_to_wait=wait)
+    suffix = " (not retried)" if not kind.retryable else f" (after {context.retry_number} retries)"
+    return Failure(f"{message} [{kind.kind}{suffix}]")
 
 
 def build_daily_asset(project: ProjectConfig, resolved: ResolvedTable) -> AssetsDefinition:
@@ -106,35 +117,28 @@ def build_daily_asset(project: ProjectConfig, resolved: ResolvedTable) -> Assets
             sink = bronze.get_sink()
         except Exception as e:  # bad root, missing secret, refused credential
             raise Failure(f"{where}: Bronze at {bronze.root} is not usable: {e}") from e
-        paths = daily_paths(project.source, qname, day, codec.extension)
         try:
-            with postgres.snapshot() as conn:
-                try:
-                    info = describe_table(conn, qname, table.column)
-                except CatalogError as e:
-                    raise Failure(f"{where}: {e} (config key {e.key!r})") from None
-                plan = plan_day(info, day, table.timezone)
-                context.log.info(f"{where}: {plan.strategy} on {plan.relation}")
-                result = extract_partition(
+            with postgres.connection() as conn:
+                result = extract_day(
                     conn,
-                    info=info,
-                    plan=plan,
+                    source=project.source,
+                    table=qname,
+                    column=table.column,
+                    day=day,
+                    timezone=table.timezone,
                     sink=sink,
-                    paths=paths,
                     codec=codec,
                     level=level,
                     run_id=context.run_id,
-                    partition_key=partition_key,
                     block_size=bronze.block_size,
+                    lock_timeout_s=project.postgres.lock_timeout_s,
                 )
-        except (ExtractionError, *TRANSIENT) as e:
-            if _is_transient(e) and retries:
-                # exponential backoff: 1 s, 2 s, 4 s … capped at 30 s
-                wait = min(30, 2**context.retry_number)
-                raise RetryRequested(max_retries=retries, seconds_to_wait=wait) from e
-            if isinstance(e, ExtractionError):
-                raise Failure(str(e)) from e
-            raise Failure(f"{where}: {type(e).__name__}: {e}") from e
+        except CatalogError as e:
+            raise Failure(f"{where}: {e} (config key {e.key!r})") from None
+        except Exception as e:
+            raise _failure_or_retry(context, e, where, retries, postgres) from e
+        info, plan = result.info, result.plan
+        context.log.info(f"{where}: {plan.strategy} on {plan.relation}")
         s = result.stats
         return MaterializeResult(
             metadata={
@@ -150,7 +154,7 @@ def build_daily_asset(project: ProjectConfig, resolved: ResolvedTable) -> Assets
                 "uri": MetadataValue.path(result.published.uri),
                 "source_relation": str(plan.relation),
                 "strategy": plan.strategy,
-                "snapshot_lsn": result.snapshot_lsn,
+                "snapshot": MetadataValue.json(result.snapshot),
                 "sha256": s.sha256,
                 "codec": f"{codec.name}:{level}",
             }

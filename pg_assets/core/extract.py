@@ -1,118 +1,364 @@
-"""One partition, end to end: snapshot → plan → stream → stage → publish → manifest.
+"""One partition, end to end: lock → snapshot → plan → stream → commit → publish → manifest.
 
-This is the whole of what a Dagster materialization does, with no Dagster in it, so it can
-be run and tested from plain Python (and benchmarked without an orchestrator).
+This is the whole of what a Dagster materialization does for one day, with no Dagster in
+it, so it can be run and tested from plain Python (and benchmarked without an orchestrator).
 
-Publish order, chosen so a reader that trusts only partitions with a manifest never sees a
-mix of versions: (1) stream the data into staging; on any failure discard it — the previous
-version is untouched; (2) remove the old manifest; (3) rename the staged data over the old
-file; (4) stage and rename the new manifest. Between (2) and (4) the partition has no
-manifest and is simply "not ready"; its sha256 in the manifest lets a reader verify the data.
+The protocol, and why each step is where it is:
+
+1. **Lock the day.** A session-level advisory lock keyed by source, table and day, taken with
+   a bounded wait (`lock_timeout_s`): a schedule and a backfill of the same day cannot
+   interleave; the loser waits, then fails naming the partition and the holder. The lock is
+   checked again on its session just before the commit point, so a run that lost its
+   connection (and with it the lock) never commits.
+2. **Read in one snapshot.** A REPEATABLE READ, READ ONLY transaction locks the relations
+   the plan reads (`lock_plan`, before the snapshot is taken, so concurrent DDL either
+   finished before it or waits), records the snapshot (`pg_current_snapshot()`, and an LSN
+   that bounds every commit it sees from above) and the session settings that shape COPY's
+   text output, and streams the COPY into a staging file. The transaction ends as soon as
+   COPY does: uploads and their retries never hold back vacuum.
+3. **Publish data under a new name** (`<T>-<day>-<version>.csv.gz`), checked against the
+   number of bytes the compressor produced. Nothing is overwritten, so every earlier version
+   and its manifest are still consistent.
+4. **Commit by replacing the manifest** (stage, then rename over `_manifest.json`). This is
+   the single commit point: before it the previous version stands (our new data file is
+   deleted again), after it the new version does. A lost response is recognised by reading
+   the manifest back.
+5. **Remove superseded data files** of the day (older versions, other codecs), so glob
+   readers see exactly one data file per day once a run has ended. If that fails, the new
+   version is committed and the error says which files remain (a rerun removes them).
 """
 
 import datetime as dt
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import psycopg
+from psycopg import errors as pg_errors
 
 from pg_assets import __version__
 from pg_assets.core.compression import Codec
 from pg_assets.core.copy_stream import CopyStats, stream_copy
-from pg_assets.core.layout import PartitionPaths
-from pg_assets.core.planner import CopyPlan, TableInfo
-from pg_assets.sinks.base import Published, Sink
+from pg_assets.core.identifiers import QualifiedName
+from pg_assets.core.layout import PartitionPaths, daily_paths, new_version, table_folder
+from pg_assets.core.planner import (
+    CatalogError,
+    CopyPlan,
+    TableInfo,
+    describe_table,
+    lock_plan,
+    plan_day,
+)
+from pg_assets.sinks.base import Published, Sink, StagingFile
+
+MANIFEST_VERSION = 2
+HISTORY_KEPT = 20
+# Settings that change COPY's text output, recorded in every manifest as the session had them.
+OUTPUT_SETTINGS = (
+    "DateStyle",
+    "TimeZone",
+    "IntervalStyle",
+    "extra_float_digits",
+    "bytea_output",
+    "lc_monetary",
+    "client_encoding",
+)
 
 
 class ExtractionError(RuntimeError):
     """An extraction failed; the message names the table and partition, the cause is chained."""
 
 
+class PartitionBusyError(ExtractionError):
+    """Another run holds this partition's lock beyond the configured wait."""
+
+
+class LeftoverFilesError(ExtractionError):
+    """The new version is committed, but superseded data files could not be removed."""
+
+    def __init__(self, message: str, result: "ExtractResult") -> None:
+        super().__init__(message)
+        self.result = result
+
+
 @dataclass(frozen=True)
 class ExtractResult:
     stats: CopyStats
     plan: CopyPlan
+    info: TableInfo
     published: Published
     manifest: dict[str, Any]
-    snapshot_lsn: str
+    previous: dict[str, Any] | None  # the manifest this one replaced
+    removed: tuple[str, ...]  # superseded data files deleted after the commit
 
-
-def snapshot_lsn(conn: psycopg.Connection) -> str:
-    """The WAL position of the transaction's snapshot (replay position on a standby)."""
-    row = conn.execute(
-        "SELECT CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn()"
-        " ELSE pg_current_wal_lsn() END::text"
-    ).fetchone()
-    return row[0] if row else ""
+    @property
+    def snapshot(self) -> dict[str, str]:
+        return self.manifest["snapshot"]
 
 
 def _jsonable(v: Any) -> Any:
     return v.isoformat() if isinstance(v, dt.date | dt.datetime) else v
 
 
-def extract_partition(
+def lock_key(source: str, table: QualifiedName, day: dt.date) -> str:
+    return f"pg_assets:{table_folder(source, table)}:{day.isoformat()}"
+
+
+def _lock_holder(conn: psycopg.Connection, key: str) -> str:
+    with conn.transaction():
+        row = conn.execute(
+            """SELECT a.pid, a.application_name, a.backend_start
+               FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+               WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+                 AND ((l.classid::bigint << 32) | l.objid::bigint) = hashtextextended(%s, 0)
+               LIMIT 1""",
+            (key,),
+        ).fetchone()
+    if row is None:
+        return "another run"
+    pid, app, since = row
+    return f"another run ({app or 'unnamed'}, PostgreSQL backend {pid}, connected {since:%Y-%m-%d %H:%M:%S%z})"
+
+
+@contextmanager
+def partition_lock(
+    conn: psycopg.Connection, key: str, wait_s: float, where: str, run_id: str = ""
+) -> Iterator[None]:
+    """Hold the session-level advisory lock `key` for the duration of the block."""
+    try:
+        with conn.transaction():
+            if run_id:  # lets a DBA (and the loser's error) see which run holds what
+                conn.execute(
+                    "SELECT set_config('application_name', %s, false)",
+                    (f"pg_assets run {run_id[:8]}",),
+                )
+            conn.execute(
+                "SELECT set_config('lock_timeout', %s, true)", (f"{int(wait_s * 1000)}ms",)
+            )
+            conn.execute("SELECT pg_advisory_lock(hashtextextended(%s, 0))", (key,))
+    except pg_errors.LockNotAvailable:
+        holder = _lock_holder(conn, key)
+        raise PartitionBusyError(
+            f"{where}: {holder} is extracting this partition; gave up after waiting "
+            f"{wait_s:g} s (postgres.lock_timeout_s)"
+        ) from None
+    try:
+        yield
+    finally:
+        if not conn.closed and not conn.broken:
+            try:
+                with conn.transaction():
+                    conn.execute("SELECT pg_advisory_unlock(hashtextextended(%s, 0))", (key,))
+            except psycopg.Error:
+                pass  # the session is gone, and its locks with it
+
+
+def read_manifest(sink: Sink, relpath: str) -> dict[str, Any] | None:
+    """The manifest at `relpath`, or None if there is none (or it is not a manifest)."""
+    if sink.stat(relpath) is None:
+        return None
+    try:
+        manifest = json.loads(sink.read_bytes(relpath))
+    except ValueError:
+        return None
+    return manifest if isinstance(manifest, dict) else None
+
+
+def _history(previous: dict[str, Any] | None) -> list[dict[str, Any]]:
+    if not previous:
+        return []
+    entry = {
+        k: previous.get(k)
+        for k in ("file", "rows", "sha256", "compressed_bytes", "extracted_at", "run_id")
+    }
+    if entry["file"] is None and previous.get("uri"):  # layout v1 manifests have no `file`
+        entry["file"] = str(previous["uri"]).rsplit("/", 1)[-1]
+    return [entry, *previous.get("history", [])][:HISTORY_KEPT]
+
+
+def _snapshot_and_settings(conn: psycopg.Connection) -> tuple[dict[str, str], dict[str, str]]:
+    settings = ", ".join(f"current_setting('{s}')" for s in OUTPUT_SETTINGS)
+    row = conn.execute(
+        "SELECT pg_current_snapshot()::text,"  # noqa: S608 - constant setting names only
+        " CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn()"
+        f" ELSE pg_current_wal_insert_lsn() END::text, {settings}"
+    ).fetchone()
+    assert row is not None
+    snapshot = {"txid_snapshot": row[0], "lsn_upper_bound": row[1]}
+    return snapshot, dict(zip(OUTPUT_SETTINGS, row[2:], strict=True))
+
+
+def _committed(sink: Sink, relpath: str, body: bytes) -> bool:
+    """Whether `relpath` holds exactly `body`: how a lost response is told from a failure."""
+    try:
+        return sink.read_bytes(relpath) == body
+    except Exception:
+        return False
+
+
+def _remove_superseded(
+    sink: Sink, paths: PartitionPaths, *, keep: str, previous: dict[str, Any] | None
+) -> tuple[tuple[str, ...], list[str]]:
+    """Delete every data file of the day but `keep`: older versions, other codecs, orphans of
+    failed runs. Returns what was removed and what could not be (with why)."""
+    candidates: set[str] = set()
+    problems: list[str] = []
+    if previous and previous.get("file"):
+        candidates.add(f"{paths.folder}/{previous['file']}")
+    try:
+        candidates.update(sink.list_files(paths.folder))
+    except Exception as e:
+        problems.append(f"could not list {paths.folder} to find them ({e})")
+    removed = []
+    for rel in sorted(candidates):
+        if rel == keep or not paths.is_data_file(rel):
+            continue
+        try:
+            sink.delete(rel)
+            removed.append(rel)
+        except Exception as e:
+            problems.append(f"{rel} ({e})")
+    return tuple(removed), problems
+
+
+def extract_day(
     conn: psycopg.Connection,
     *,
-    info: TableInfo,
-    plan: CopyPlan,
+    source: str,
+    table: QualifiedName,
+    column: str,
+    day: dt.date,
+    timezone: str,
     sink: Sink,
-    paths: PartitionPaths,
     codec: Codec,
     level: int,
     run_id: str,
-    partition_key: str,
     block_size: int = 4 << 20,
+    info: TableInfo | None = None,
+    lock_timeout_s: float = 60,
 ) -> ExtractResult:
-    """Extract one planned partition inside the caller's snapshot transaction on `conn`."""
-    where = f"table {info.name}, partition {partition_key}"
-    lsn = snapshot_lsn(conn)
-    staging = None
+    """Extract, publish and commit one day of `table` on the pooled connection `conn`.
+
+    `info` is the table's catalog description, read once per run by the caller (a ranged run
+    plans many days from one description; `lock_plan` re-checks it inside each day's
+    snapshot). `conn` must be idle; it is left idle.
+    """
+    partition_key = day.isoformat()
+    where = f"table {table}, partition {partition_key}"
+    paths = daily_paths(source, table, day)
+    with partition_lock(conn, lock_key(source, table, day), lock_timeout_s, where, run_id):
+        try:
+            return _extract_locked(
+                conn, where=where, source=source, table=table, column=column, day=day,
+                timezone=timezone, sink=sink, codec=codec, level=level, run_id=run_id,
+                block_size=block_size, info=info, lock_timeout_s=lock_timeout_s, paths=paths,
+            )  # fmt: skip
+        except (ExtractionError, CatalogError):
+            raise
+        except Exception as e:
+            raise ExtractionError(f"extracting {where} failed: {e}") from e
+
+
+def _extract_locked(
+    conn: psycopg.Connection,
+    *,
+    where: str,
+    source: str,
+    table: QualifiedName,
+    column: str,
+    day: dt.date,
+    timezone: str,
+    sink: Sink,
+    codec: Codec,
+    level: int,
+    run_id: str,
+    block_size: int,
+    info: TableInfo | None,
+    lock_timeout_s: float,
+    paths: PartitionPaths,
+) -> ExtractResult:
+    if info is None:
+        with conn.transaction():
+            info = describe_table(conn, table, column)
+    staging: StagingFile | None = None
+    data_rel = paths.data(new_version(), codec.extension)
+    body: bytes | None = None
     try:
-        staging = sink.open_staging(run_id, paths.data, codec.content_type)
-        with conn.cursor() as cur:
-            stats = stream_copy(
-                cur, plan.statement, staging, codec.compressor(level), block_size=block_size
-            )
-        staging.close()
-        sink.delete(paths.manifest)
-        published = sink.publish(staging, paths.data)
-    except BaseException as e:
+        staging = sink.open_staging(run_id, data_rel, codec.content_type)
+        with conn.transaction():  # REPEATABLE READ, READ ONLY (the pool configures it)
+            plan = lock_plan(conn, info, plan_day(info, day, timezone), lock_timeout_s)
+            snapshot, settings = _snapshot_and_settings(conn)
+            with conn.cursor() as cur:
+                stats = stream_copy(
+                    cur, plan.statement, staging, codec.compressor(level), block_size=block_size
+                )
+        # the snapshot is released: what follows waits on the lake only
+        published = sink.publish(staging, data_rel, expected_size=stats.compressed_bytes)
+        staging = None
+        previous = read_manifest(sink, paths.manifest)
+        manifest = {
+            "version": MANIFEST_VERSION,
+            "pg_assets_version": __version__,
+            "kind": "daily",
+            "source": source,
+            "table": str(table),
+            "schema_name": table.schema,
+            "table_name": table.name,
+            "partition": day.isoformat(),
+            "file": data_rel.rsplit("/", 1)[-1],
+            "uri": published.uri,
+            "etag": published.etag,
+            "rows": stats.rows,
+            "raw_bytes": stats.raw_bytes,
+            "compressed_bytes": stats.compressed_bytes,
+            "sha256": stats.sha256,
+            "codec": codec.name,
+            "level": level,
+            "format": "csv, header (PostgreSQL COPY)",
+            "columns": [asdict(c) for c in info.columns],
+            "source_relation": str(plan.relation),
+            "strategy": plan.strategy,
+            "partition_column": info.partition_column.name,
+            "timezone": timezone,
+            "bounds": {"lower": _jsonable(plan.lower), "upper": _jsonable(plan.upper)},
+            "snapshot": snapshot,
+            "session": settings,
+            "extracted_at": dt.datetime.now(dt.UTC).isoformat(),
+            "seconds": round(stats.seconds, 3),
+            "run_id": run_id,
+            "history": _history(previous),
+        }
+        body = json.dumps(manifest, indent=2).encode()
+        with conn.transaction():
+            conn.execute("SELECT 1")  # still connected, so still holding the day's lock
+        try:
+            sink.write_bytes(run_id, paths.manifest, body, "application/json")
+        except Exception as e:
+            if not _committed(sink, paths.manifest, body):
+                raise ExtractionError(
+                    f"publishing the manifest of {where} failed, so the previous version stays "
+                    f"published: {e}"
+                ) from e
+    except BaseException:
         if staging is not None:
             sink.discard(staging)
-        if isinstance(e, Exception):
-            raise ExtractionError(f"extracting {where} failed: {e}") from e
+        if body is None or not _committed(sink, paths.manifest, body):
+            try:
+                sink.delete(data_rel)  # not committed: take the new data file back out
+            except Exception:
+                pass  # an orphan without manifest; the next publish of the day removes it
         raise
-    manifest = {
-        "version": 1,
-        "pg_assets_version": __version__,
-        "table": str(info.name),
-        "partition": partition_key,
-        "source_relation": str(plan.relation),
-        "strategy": plan.strategy,
-        "partition_column": info.partition_column.name,
-        "bounds": {"lower": _jsonable(plan.lower), "upper": _jsonable(plan.upper)},
-        "rows": stats.rows,
-        "raw_bytes": stats.raw_bytes,
-        "compressed_bytes": stats.compressed_bytes,
-        "sha256": stats.sha256,
-        "codec": codec.name,
-        "level": level,
-        "format": "csv, header (PostgreSQL COPY)",
-        "columns": [asdict(c) for c in info.columns],
-        "snapshot_lsn": lsn,
-        "extracted_at": dt.datetime.now(dt.UTC).isoformat(),
-        "uri": published.uri,
-        "etag": published.etag,
-        "seconds": round(stats.seconds, 3),
-    }
-    try:
-        sink.write_bytes(
-            run_id, paths.manifest, json.dumps(manifest, indent=2).encode(), "application/json"
+    removed, leftovers = _remove_superseded(sink, paths, keep=data_rel, previous=previous)
+    result = ExtractResult(stats, plan, info, published, manifest, previous, removed)
+    if leftovers:
+        raise LeftoverFilesError(
+            f"{where}: the new version is published, but superseded data files could not be "
+            f"removed (a rerun removes them): {'; '.join(leftovers)}",
+            result,
         )
-    except Exception as e:
-        raise ExtractionError(f"writing the manifest of {where} failed: {e}") from e
-    return ExtractResult(stats, plan, published, manifest, lsn)
+    return result
 
 
 def peak_rss_mb() -> float:
@@ -131,62 +377,86 @@ def main(argv: list[str] | None = None) -> int:
     """Extract one day without Dagster: `python -m pg_assets.core.extract --help`.
 
     Prints the stats and the process's peak RSS as JSON; the benchmark and the memory test
-    run it as a separate process so its peak memory is its own.
+    run it as a separate process so its peak memory is its own. Bad input ends in one line
+    on stderr naming what is wrong, like `pg-assets check`.
     """
     import argparse
     import os
+    import sys
     import uuid
+    from zoneinfo import ZoneInfo
 
     from pg_assets.core.compression import get_codec
     from pg_assets.core.identifiers import parse_column_name, parse_qualified_name
-    from pg_assets.core.layout import daily_paths
-    from pg_assets.core.planner import describe_table, plan_day
-    from pg_assets.sinks.local import LocalSink
 
-    p = argparse.ArgumentParser(prog="python -m pg_assets.core.extract")
-    p.add_argument("--conninfo-env", default="PG_ASSETS_CONNINFO")
-    p.add_argument("--table", required=True)
-    p.add_argument("--column", required=True)
-    p.add_argument("--day", required=True, type=dt.date.fromisoformat)
-    p.add_argument("--timezone", default="UTC")
-    p.add_argument("--root", required=True, help="local path or abfss:// URI")
-    p.add_argument("--endpoint", help="ADLS account URL override (test server)")
-    p.add_argument("--auth", default="default_credential")
-    p.add_argument("--secret-env")
-    p.add_argument("--source", default="cli")
-    p.add_argument("--codec", default="gzip")
-    p.add_argument("--level", type=int)
-    p.add_argument("--block-size-mib", type=float, default=4)
+    p = argparse.ArgumentParser(
+        prog="python -m pg_assets.core.extract",
+        description="Extract one day of one PostgreSQL table into Bronze, without Dagster.",
+    )
+    p.add_argument("--conninfo-env", default="PG_ASSETS_CONNINFO",
+                   help="environment variable holding the libpq connection string")  # fmt: skip
+    p.add_argument("--table", required=True, help="schema.table, as typed in psql")
+    p.add_argument("--column", required=True, help="the date/timestamp/timestamptz column")
+    p.add_argument("--day", required=True, help="the day to extract, YYYY-MM-DD")
+    p.add_argument("--timezone", default="UTC", help="day boundaries for timestamptz columns")
+    p.add_argument("--root", required=True, help="Bronze root: local path or abfss:// URI")
+    p.add_argument("--endpoint", help="ADLS account URL override (emulators, test servers)")
+    p.add_argument("--auth", default="default_credential",
+                   help="ADLS auth: connection_string, account_key, sas, default_credential")  # fmt: skip
+    p.add_argument("--secret-env", help="environment variable holding the ADLS secret")
+    p.add_argument("--source", default="cli", help="source name: the first folder under root")
+    p.add_argument("--codec", default="gzip", help="gzip, zstd or none")
+    p.add_argument("--level", type=int, help="compression level (default: the codec's)")
+    p.add_argument("--block-size-mib", type=float, default=4, help="write/append block size")
+    p.add_argument("--lock-timeout-s", type=float, default=60,
+                   help="how long to wait for another run of the same day")  # fmt: skip
     a = p.parse_args(argv)
 
-    codec = get_codec(a.codec)
-    level = codec.default_level if a.level is None else a.level
-    name = parse_qualified_name(a.table)
-    if a.root.startswith("abfss://"):
-        from pg_assets.sinks.adls import AdlsSink
+    def fail(message: str) -> int:
+        print(f"error: {message}", file=sys.stderr)
+        return 2
 
-        sink: Sink = AdlsSink.from_uri(
-            a.root, auth=a.auth, secret_env=a.secret_env, endpoint=a.endpoint
-        )
-    else:
-        sink = LocalSink(a.root)
-    with psycopg.connect(os.environ[a.conninfo_env], application_name="pg_assets") as conn:
-        conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
-        conn.read_only = True
-        with conn.transaction():
-            info = describe_table(conn, name, parse_column_name(a.column))
-            result = extract_partition(
-                conn,
-                info=info,
-                plan=plan_day(info, a.day, a.timezone),
-                sink=sink,
-                paths=daily_paths(a.source, name, a.day, codec.extension),
-                codec=codec,
-                level=level,
-                run_id=uuid.uuid4().hex,
-                partition_key=a.day.isoformat(),
-                block_size=int(a.block_size_mib * 1024 * 1024),
-            )
+    try:
+        day = dt.date.fromisoformat(a.day)
+    except ValueError:
+        return fail(f"--day {a.day!r} is not a date (YYYY-MM-DD)")
+    try:
+        ZoneInfo(a.timezone)
+    except Exception:
+        return fail(f"--timezone {a.timezone!r} is not a known time zone (e.g. Europe/Berlin)")
+    try:
+        codec = get_codec(a.codec)
+        level = codec.default_level if a.level is None else a.level
+        codec.compressor(level)
+        name = parse_qualified_name(a.table)
+        column = parse_column_name(a.column)
+    except ValueError as e:
+        return fail(str(e))
+    conninfo = os.environ.get(a.conninfo_env)
+    if not conninfo:
+        return fail(f"environment variable {a.conninfo_env} is not set; it must hold the "
+                    "PostgreSQL connection string")  # fmt: skip
+    try:
+        sink = _cli_sink(a)
+    except Exception as e:
+        return fail(f"Bronze at {a.root} is not usable: {e}")
+    from pg_assets.core.session import connect_kwargs
+
+    try:
+        with psycopg.connect(conninfo, **connect_kwargs(10, 0)) as conn:
+            conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+            conn.read_only = True
+            result = extract_day(
+                conn, source=a.source, table=name, column=column, day=day,
+                timezone=a.timezone, sink=sink, codec=codec, level=level,
+                run_id=uuid.uuid4().hex, block_size=int(a.block_size_mib * 1024 * 1024),
+                lock_timeout_s=a.lock_timeout_s,
+            )  # fmt: skip
+    except CatalogError as e:
+        return fail(f"table {name}: {e}")
+    except (ExtractionError, psycopg.Error) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     out = {
         **asdict(result.stats),
         "strategy": result.plan.strategy,
@@ -195,6 +465,16 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(json.dumps(out))
     return 0
+
+
+def _cli_sink(a: Any) -> Sink:
+    if a.root.startswith("abfss://"):
+        from pg_assets.sinks.adls import AdlsSink
+
+        return AdlsSink.from_uri(a.root, auth=a.auth, secret_env=a.secret_env, endpoint=a.endpoint)
+    from pg_assets.sinks.local import LocalSink
+
+    return LocalSink(a.root.removeprefix("file://"))
 
 
 if __name__ == "__main__":

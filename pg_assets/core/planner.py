@@ -237,3 +237,15 @@ def plan_day(info: TableInfo, day: dt.date, timezone: str) -> CopyPlan:
         opts=COPY_OPTIONS,
     )
     return CopyPlan(stmt, relation, strategy, lo, hi)  # type: ignore[arg-type]
+
+
+def lock_plan(
+    conn: psycopg.Connection, info: TableInfo, plan: CopyPlan, lock_timeout_s: float
+) -> CopyPlan:
+    """Lock what `plan` reads before the transaction's snapshot is taken (LOCK takes none),
+    so DDL on it either committed before the snapshot or waits for the COPY."""
+    conn.execute(
+        "SELECT set_config('lock_timeout', %s, true)", (f"{int(lock_timeout_s * 1000)}ms",)
+    )
+    conn.execute(sql.SQL("LOCK TABLE {} IN ACCESS SHARE MODE").format(plan.relation.identifier))
+    return plan

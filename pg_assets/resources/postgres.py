@@ -10,7 +10,6 @@ The connection string is read from the environment variable named by `conninfo_e
 pool opens; it is never stored in config, logged, or put in an error message.
 """
 
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -20,36 +19,26 @@ from psycopg import IsolationLevel
 from psycopg_pool import ConnectionPool
 from pydantic import Field, PrivateAttr
 
-APPLICATION_NAME = "pg_assets"
+from pg_assets.core.errors import diagnose_connect
+from pg_assets.core.session import (
+    APPLICATION_NAME,
+    MissingConninfoError,
+    connect_kwargs,
+    read_conninfo,
+)
 
-
-class MissingConninfoError(RuntimeError):
-    pass
-
-
-def read_conninfo(env_var: str) -> str:
-    value = os.environ.get(env_var)
-    if not value:
-        raise MissingConninfoError(
-            f"environment variable {env_var} is not set; it must hold the PostgreSQL "
-            "connection string (e.g. 'host=db.example.com dbname=shop user=reader')"
-        )
-    return value
-
-
-def connect_kwargs(connect_timeout_s: float, statement_timeout_s: float) -> dict[str, object]:
-    kwargs: dict[str, object] = {
-        "application_name": APPLICATION_NAME,
-        "connect_timeout": max(1, int(connect_timeout_s)),
-    }
-    if statement_timeout_s:
-        kwargs["options"] = f"-c statement_timeout={int(statement_timeout_s * 1000)}"
-    return kwargs
+__all__ = ["PostgresResource", "MissingConninfoError", "connect_kwargs", "read_conninfo"]
 
 
 def _configure(conn: psycopg.Connection) -> None:
     conn.isolation_level = IsolationLevel.REPEATABLE_READ
     conn.read_only = True
+
+
+def _reset(conn: psycopg.Connection) -> None:
+    """A connection goes back to the pool holding no partition lock, whatever happened."""
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_unlock_all()")
 
 
 class PostgresResource(ConfigurableResource):
@@ -72,6 +61,7 @@ class PostgresResource(ConfigurableResource):
             max_size=self.pool_max,
             kwargs=connect_kwargs(self.connect_timeout_s, self.statement_timeout_s),
             configure=_configure,
+            reset=_reset,
             check=ConnectionPool.check_connection,
             timeout=self.connect_timeout_s,
             name=APPLICATION_NAME,
@@ -85,11 +75,25 @@ class PostgresResource(ConfigurableResource):
             self._pool = None
 
     @contextmanager
-    def snapshot(self) -> Iterator[psycopg.Connection]:
-        """A pooled connection inside one REPEATABLE READ, READ ONLY transaction."""
+    def connection(self) -> Iterator[psycopg.Connection]:
+        """An idle pooled connection; its transactions are REPEATABLE READ, READ ONLY."""
         if self._pool is None:
             raise RuntimeError("PostgresResource used outside a Dagster execution")
         if self._pool.closed:
             self._pool.open(wait=False)
-        with self._pool.connection() as conn, conn.transaction():
+        with self._pool.connection() as conn:
             yield conn
+
+    @contextmanager
+    def snapshot(self) -> Iterator[psycopg.Connection]:
+        """A pooled connection inside one REPEATABLE READ, READ ONLY transaction."""
+        with self.connection() as conn, conn.transaction():
+            yield conn
+
+    def diagnose(self) -> psycopg.OperationalError | None:
+        """Why the pool could not connect, in the server's own words (a pool timeout hides
+        it): one direct connection attempt, bounded by `connect_timeout_s`."""
+        return diagnose_connect(
+            read_conninfo(self.conninfo_env),
+            **connect_kwargs(self.connect_timeout_s, self.statement_timeout_s),
+        )

@@ -40,7 +40,7 @@ from azure.storage.filedatalake import (
     ExponentialRetry,
 )
 
-from pg_assets.sinks.base import Published, Sink, StagingFile, staging_relpath
+from pg_assets.sinks.base import FileInfo, Published, Sink, StagingFile, staging_relpath
 
 AUTH_MODES = ("connection_string", "account_key", "sas", "default_credential")
 _ABFSS = re.compile(
@@ -273,9 +273,13 @@ class AdlsSink(Sink):
     def open_staging(self, run_id: str, relpath: str, content_type: str) -> _Uploader:
         return _Uploader(self, staging_relpath(run_id, relpath), content_type)
 
-    def publish(self, staging: StagingFile, relpath: str) -> Published:
+    def publish(self, staging: StagingFile, relpath: str, *, expected_size: int) -> Published:
         assert isinstance(staging, _Uploader)
         staging.close()
+        if staging._position != expected_size:
+            raise AdlsError(
+                f"staged {relpath}: {staging._position} bytes, expected {expected_size}"
+            )
         folder = relpath.rsplit("/", 1)[0] if "/" in relpath else ""
         if folder:
             dir_client = self._fs.get_directory_client(self._full(folder))
@@ -305,6 +309,16 @@ class AdlsSink(Sink):
         except AdlsError as e:
             if not isinstance(e.__cause__, ResourceNotFoundError):
                 raise
+
+    def stat(self, relpath: str) -> FileInfo | None:
+        client = self._fs.get_file_client(self._full(relpath))
+        try:
+            props = self._call("properties", relpath, client.get_file_properties)
+        except AdlsError as e:
+            if isinstance(e.__cause__, ResourceNotFoundError):
+                return None
+            raise
+        return FileInfo(props.size, props.etag)
 
     def read_bytes(self, relpath: str) -> bytes:
         client = self._fs.get_file_client(self._full(relpath))

@@ -21,6 +21,12 @@ def staging_relpath(run_id: str, relpath: str) -> str:
 
 
 @dataclass(frozen=True)
+class FileInfo:
+    size: int
+    etag: str | None = None
+
+
+@dataclass(frozen=True)
 class Published:
     uri: str
     size: int
@@ -47,8 +53,12 @@ class Sink(ABC):
     def open_staging(self, run_id: str, relpath: str, content_type: str) -> StagingFile: ...
 
     @abstractmethod
-    def publish(self, staging: StagingFile, relpath: str) -> Published:
-        """Atomically move a closed staging file onto `relpath`, replacing what was there."""
+    def publish(self, staging: StagingFile, relpath: str, *, expected_size: int) -> Published:
+        """Atomically move a closed staging file onto `relpath`, replacing what was there,
+        once its size is `expected_size`."""
+
+    @abstractmethod
+    def stat(self, relpath: str) -> FileInfo | None: ...
 
     @abstractmethod
     def discard(self, staging: StagingFile) -> None:
@@ -73,8 +83,7 @@ class Sink(ABC):
         staging = self.open_staging(run_id, relpath, content_type)
         try:
             staging.write(data)
-            staging.close()
-            return self.publish(staging, relpath)
+            return self.publish(staging, relpath, expected_size=len(data))
         except BaseException:
             self.discard(staging)
             raise

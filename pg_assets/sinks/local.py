@@ -7,7 +7,7 @@ fsync it, `os.replace` it over the target, fsync the directory.
 import os
 from pathlib import Path
 
-from pg_assets.sinks.base import Published, Sink, StagingFile, staging_relpath
+from pg_assets.sinks.base import FileInfo, Published, Sink, StagingFile, staging_relpath
 
 
 class LocalStagingFile(StagingFile):
@@ -49,9 +49,12 @@ class LocalSink(Sink):
         rel = staging_relpath(run_id, relpath)
         return LocalStagingFile(self._path(rel), rel)
 
-    def publish(self, staging: StagingFile, relpath: str) -> Published:
+    def publish(self, staging: StagingFile, relpath: str, *, expected_size: int) -> Published:
         assert isinstance(staging, LocalStagingFile)
         staging.close()
+        size = staging.path.stat().st_size
+        if size != expected_size:
+            raise OSError(f"staged {relpath} holds {size} bytes, expected {expected_size}")
         target = self._path(relpath)
         target.parent.mkdir(parents=True, exist_ok=True)
         os.replace(staging.path, target)
@@ -64,6 +67,12 @@ class LocalSink(Sink):
             staging._f.close()
         finally:
             staging.path.unlink(missing_ok=True)
+
+    def stat(self, relpath: str) -> FileInfo | None:
+        try:
+            return FileInfo(self._path(relpath).stat().st_size)
+        except FileNotFoundError:
+            return None
 
     def delete(self, relpath: str) -> None:
         self._path(relpath).unlink(missing_ok=True)
