@@ -2,6 +2,7 @@
 
 from dagster import Definitions
 
+from pg_assets.assets.cdc import build_cdc
 from pg_assets.assets.daily import asset_key, build_daily_asset
 from pg_assets.catalog import resolve_tables
 from pg_assets.config import ConfigError, ProjectConfig
@@ -35,8 +36,11 @@ def build_definitions(config: ProjectConfig) -> Definitions:
             )
         keys[k] = r.config.table
     assets = [build_daily_asset(config, r) for r in resolved]
+    cdc = build_cdc(config)  # empty without `mode: cdc` tables
     return Definitions(
-        assets=assets,
+        assets=[*assets, *cdc.assets],
         schedules=[build_daily_schedule(a) for a in assets],
+        jobs=cdc.jobs,
+        sensors=cdc.sensors,
         resources=build_resources(config),
     )

@@ -54,25 +54,34 @@ class CopyStats:
         return self.raw_bytes / 1e6 / self.seconds if self.seconds else 0.0
 
 
-class _Compressing(threading.Thread):
-    """Consumes raw chunks, emits compressed blocks of exactly `block_size` (last one shorter)."""
+class BlockCutter:
+    """Raw chunks → compressor → blocks of exactly `block_size` bytes (the last one shorter),
+    with the sizes and sha256 a manifest records. Shared by the COPY pipeline (in its worker
+    thread) and the CDC change files (synchronously: decoding holds the GIL anyway), so every
+    Bronze file is cut and hashed the same way."""
 
-    def __init__(self, compressor: Compressor, writer: BlockWriter, block_size: int, depth: int):
-        super().__init__(name="pg_assets-compress", daemon=True)
-        self.inbox: queue.Queue[object] = queue.Queue(maxsize=depth)
-        self.error: BaseException | None = None
-        self.compressed_bytes = 0
+    def __init__(self, compressor: Compressor, writer: BlockWriter, block_size: int) -> None:
         self._compressor = compressor
         self._writer = writer
         self._block_size = block_size
         self._pending = bytearray()
         self._sha = hashlib.sha256()
+        self.raw_bytes = 0
+        self.compressed_bytes = 0
+
+    def write(self, chunk: bytes | bytearray, /) -> None:
+        self.raw_bytes += len(chunk)
+        self._emit(self._compressor.compress(chunk), final=False)
+
+    def close(self) -> None:
+        """Flush the compressor and write the last (short) block."""
+        self._emit(self._compressor.flush(), final=True)
 
     @property
     def sha256(self) -> str:
         return self._sha.hexdigest()
 
-    def _emit(self, data: bytes, final: bool = False) -> None:
+    def _emit(self, data: bytes, final: bool) -> None:
         self._pending += data
         while len(self._pending) >= self._block_size or (final and self._pending):
             block = bytes(self._pending[: self._block_size])
@@ -81,13 +90,23 @@ class _Compressing(threading.Thread):
             self.compressed_bytes += len(block)
             self._writer.write(block)
 
+
+class _Compressing(threading.Thread):
+    """Consumes raw chunks, emits compressed blocks of exactly `block_size` (last one shorter)."""
+
+    def __init__(self, compressor: Compressor, writer: BlockWriter, block_size: int, depth: int):
+        super().__init__(name="pg_assets-compress", daemon=True)
+        self.inbox: queue.Queue[object] = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self.cutter = BlockCutter(compressor, writer, block_size)
+
     def run(self) -> None:
         try:
             while (chunk := self.inbox.get()) is not _DONE:
                 if chunk is None:  # aborted by the producer
                     return
-                self._emit(self._compressor.compress(chunk))
-            self._emit(self._compressor.flush(), final=True)
+                self.cutter.write(chunk)  # type: ignore[arg-type]
+            self.cutter.close()
         except BaseException as e:  # surfaced to the producer, which re-raises it
             self.error = e
             # keep draining so the producer never blocks on a full queue
@@ -143,7 +162,7 @@ def stream_copy(
     return CopyStats(
         rows=rows,
         raw_bytes=raw_bytes,
-        compressed_bytes=worker.compressed_bytes,
-        sha256=worker.sha256,
+        compressed_bytes=worker.cutter.compressed_bytes,
+        sha256=worker.cutter.sha256,
         seconds=time.perf_counter() - started,
     )

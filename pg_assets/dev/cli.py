@@ -4,6 +4,7 @@
     pg-assets dev                          the same server, then `dagster dev` (the UI)
     pg-assets up | stop                    start / stop the embedded PostgreSQL
     pg-assets check                        validate the config against the live catalog
+    pg-assets cdc setup|drop|status        change data capture (see the README)
 
 Commands run from the project folder: state lives in ./.pg_assets, the Dagster instance is
 ./dagster.yaml. With PG_ASSETS_CONNINFO already set, the embedded server is not used.
@@ -131,6 +132,15 @@ def cmd_check(args: argparse.Namespace) -> int:
         for r in resolve_tables(config):
             state = "checked" if r.info else "NOT CHECKED (database unreachable)"
             print(f"{r.config.table}: first day {r.start}, {state}")
+        from pg_assets.dev.cdc_cli import check_lines
+
+        problems = check_lines(config)
+        for t in config.tables_of("cdc"):
+            print(f"{t.table}: cdc, {'NOT READY' if problems else 'ready'}")
+        for line in problems:
+            print(f"error: {line}", file=sys.stderr)
+        if problems:
+            return 2
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -157,6 +167,9 @@ def main(argv: list[str] | None = None) -> int:
         if name == "dev":
             p.add_argument("--host", default="127.0.0.1")
             p.add_argument("--port", type=int, default=3000)
+    from pg_assets.dev.cdc_cli import add_parser
+
+    add_parser(sub)
     args = parser.parse_args(argv)
     return args.fn(args)
 

@@ -28,13 +28,11 @@ quoted when it holds a comma, a quote, CR or LF, and (one-column files only) `\\
 Nothing is decoded to Python strings: values stay bytes from the wire to the compressor.
 """
 
-import hashlib
 import re
 import struct
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
 
 from pg_assets.core.cdc.lsn import lsn_hex
 from pg_assets.core.cdc.pgoutput import (
@@ -49,10 +47,12 @@ from pg_assets.core.cdc.pgoutput import (
     decode,
 )
 from pg_assets.core.compression import Compressor
+from pg_assets.core.copy_stream import BlockCutter, BlockWriter
 
 META_COLUMNS = ("_op", "_commit_lsn", "_lsn", "_xid", "_commit_time", "_seq")
 UNCHANGED_COLUMN = "_unchanged"
 OLD_PREFIX = "_old_"
+_SKIP_ALL = 1 << 64  # above every LSN: a floor that keeps nothing
 GATHER_BYTES = 256 << 10
 
 _NEEDS_QUOTE = re.compile(rb'[",\r\n]')
@@ -63,12 +63,6 @@ _ARRAY_NEEDS_QUOTE = re.compile(r'[{}",\\ \t\n\r\v\f]|^$|^[Nn][Uu][Ll][Ll]$')
 
 class ChangeFileError(ValueError):
     """A change file cannot be written as specified (names a table and column)."""
-
-
-class BlockWriter(Protocol):
-    """Where compressed blocks go (a sink's staging file)."""
-
-    def write(self, block: bytes, /) -> None: ...
 
 
 def csv_field(value: bytes | None) -> bytes:
@@ -116,41 +110,6 @@ def change_columns(columns: Sequence[Column]) -> list[str]:
     return [*META_COLUMNS, *names, UNCHANGED_COLUMN, *keys]
 
 
-class BlockCutter:
-    """Raw CSV chunks → compressor → blocks of exactly `block_size` bytes (the last shorter),
-    with the sha256 and sizes a manifest records. Synchronous: decoding holds the GIL anyway,
-    and a thread per open table file would not pay for itself."""
-
-    def __init__(self, compressor: Compressor, writer: BlockWriter, block_size: int) -> None:
-        self._compressor = compressor
-        self._writer = writer
-        self._block_size = block_size
-        self._pending = bytearray()
-        self._sha = hashlib.sha256()
-        self.raw_bytes = 0
-        self.compressed_bytes = 0
-
-    def write(self, chunk: bytes | bytearray, /) -> None:
-        self.raw_bytes += len(chunk)
-        self._emit(self._compressor.compress(chunk), final=False)
-
-    def close(self) -> None:
-        self._emit(self._compressor.flush(), final=True)
-
-    @property
-    def sha256(self) -> str:
-        return self._sha.hexdigest()
-
-    def _emit(self, data: bytes, final: bool) -> None:
-        self._pending += data
-        while len(self._pending) >= self._block_size or (final and self._pending):
-            block = bytes(self._pending[: self._block_size])
-            del self._pending[: self._block_size]
-            self._sha.update(block)
-            self.compressed_bytes += len(block)
-            self._writer.write(block)
-
-
 _PLAIN_IDENT = re.compile(r"[a-z_][a-z0-9_$]*")
 
 
@@ -166,9 +125,13 @@ class TableKey:
     name: str
 
     def __str__(self) -> str:
-        """Quoted as PostgreSQL would for a human (keywords aside: `QualifiedName.display`
-        from the core identifiers module supersedes this once it lands)."""
-        return f"{_quote(self.schema)}.{_quote(self.name)}"
+        return table_display(self.schema, self.name)
+
+
+def table_display(schema: str, name: str) -> str:
+    """`schema.table` quoted as PostgreSQL would for a human (keywords aside:
+    `QualifiedName.display` from the core identifiers module supersedes this once it lands)."""
+    return f"{_quote(schema)}.{_quote(name)}"
 
 
 @dataclass
@@ -336,6 +299,12 @@ class ChangeWriter:
     arrives, so a table without changes gets none. A Relation message whose columns (names,
     types, typmods, key flags) differ from the table's open file closes that file; the next
     row opens part + 1 with the new header.
+
+    `floors` (optional) keeps, per table, only the transactions committed at or after the
+    table's snapshot LSN, and drops the changes of tables it does not name: a table
+    snapshotted after the slot's position (added later, re-snapshotted) then gets no change
+    its snapshot already holds, and a table no longer configured gets no files. `_seq` still
+    counts every change of the transaction, so it means the same whatever is kept.
     """
 
     def __init__(
@@ -345,8 +314,11 @@ class ChangeWriter:
         *,
         block_size: int = 4 << 20,
         gather_bytes: int = GATHER_BYTES,
+        floors: Mapping[TableKey, int] | None = None,
     ) -> None:
         self._open_part = open_part
+        self._floors = floors
+        self._floor: dict[int, int] = {}  # relid → lowest commit LSN kept (floors only)
         self._compressor = compressor
         self._block_size = block_size
         self._gather_bytes = gather_bytes
@@ -363,9 +335,15 @@ class ChangeWriter:
         self._seq = 0
         self._in_txn = False
         self.changes = 0
+        self.skipped = 0  # changes dropped by `floors`
 
     def relation(self, rel: Relation) -> None:
         key = TableKey(rel.namespace, rel.name)
+        if self._floors is not None:
+            self._floor[rel.relid] = self._floors.get(key, _SKIP_ALL)
+            if key not in self._floors:
+                self._relations[rel.relid] = rel
+                return  # never written: its columns do not matter
         clash = {*META_COLUMNS, UNCHANGED_COLUMN} | {
             OLD_PREFIX + c.name for c in rel.columns if c.is_key
         }
@@ -437,13 +415,19 @@ class ChangeWriter:
             msg = decode(raw)
             assert isinstance(msg, Truncate)
             for relid in msg.relids:
+                if self._floors is not None and self._skip(relid):
+                    self._seq += 1
+                    continue
                 part = self._part(relid)
                 self._seq += 1
                 self._touched.add(id(part))
                 part.add("T", self._prefix(b"T", lsn), [b""] * part.ncols, None, None)
-            self.changes += len(msg.relids)
+                self.changes += 1
             return
         (relid,) = _unpack_I(raw, 1)
+        if self._floors is not None and self._skip(relid):
+            self._seq += 1
+            return
         part = self._part(relid)
         self._touched.add(id(part))
         self._seq += 1
@@ -471,6 +455,15 @@ class ChangeWriter:
             part.add("D", self._prefix(b"D", lsn), old, None, None)
         else:
             raise ProtocolError(f"not a data message: {chr(kind)!r}")
+
+    def _skip(self, relid: int) -> bool:
+        floor = self._floor.get(relid)
+        if floor is None:
+            raise ProtocolError(f"change for relation {relid} before its Relation message")
+        if self._commit_lsn < floor:
+            self.skipped += 1
+            return True
+        return False
 
     def _prefix(self, op: bytes, lsn: int) -> bytes:
         return b"%s,%s,%016X,%s%d," % (

@@ -23,7 +23,7 @@ pg_assets COPY runs under) with SET LOCAL: a change file then holds the bytes CO
 
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import psycopg
@@ -86,6 +86,7 @@ class Batch:
     last_commit_time: int | None = None
     transactions: int = 0
     changes: int = 0
+    skipped: int = 0  # changes left out by `floors`
     messages: int = 0
     heartbeats: int = 0
     files: list[PartStats] = field(default_factory=list)
@@ -173,6 +174,7 @@ def read_batch(
     messages: bool = True,
     block_size: int = 4 << 20,
     gather_bytes: int = GATHER_BYTES,
+    floors: Mapping[TableKey, int] | None = None,
 ) -> Batch:
     """Read the next batch from `slot` (without consuming it) into change files.
 
@@ -180,9 +182,12 @@ def read_batch(
     changed nothing). `open_part(table, part)` is called for each change file when its first
     row arrives and returns where its compressed blocks go; on return every file is flushed
     (the caller closes/publishes what it opened, or discards all of it if this raises).
+    `floors`: see `ChangeWriter` (per-table snapshot LSNs; other tables are dropped).
     """
     started = time.perf_counter()
-    writer = ChangeWriter(open_part, compressor, block_size=block_size, gather_bytes=gather_bytes)
+    writer = ChangeWriter(
+        open_part, compressor, block_size=block_size, gather_bytes=gather_bytes, floors=floors
+    )
     try:
         with conn.transaction(force_rollback=True):
             pin_session(conn)
@@ -225,6 +230,7 @@ def read_batch(
                 else:
                     raise ProtocolError(f"unexpected {type(msg).__name__} in a non-streaming read")
             batch.changes = writer.changes
+            batch.skipped = writer.skipped
             batch.files = writer.finish()
     except psycopg.Error as e:
         raise CdcError(f"reading replication slot {slot!r} failed: {e}") from e

@@ -305,11 +305,15 @@ def emit_heartbeat(conn: psycopg.Connection, slot: str) -> int:
     return its LSN. Why: a slot only advances to the end of a decoded commit, so when the
     database writes WAL but none of it touches a published table, the slot would hold that
     WAL forever. The next batch contains this message's transaction (no changes), and
-    advancing to its end releases the WAL. Needs a writable connection on the primary."""
+    advancing to its end releases the WAL. Needs an idle, writable connection on the primary.
+    Committed with synchronous_commit on: logical decoding reads only flushed WAL, so the
+    message is decodable as soon as this returns (not a wal_writer_delay later)."""
     try:
-        row = conn.execute(
-            "SELECT pg_logical_emit_message(true, 'pg_assets', %s)::text", [slot]
-        ).fetchone()
+        with conn.transaction():
+            conn.execute("SET LOCAL synchronous_commit = on")
+            row = conn.execute(
+                "SELECT pg_logical_emit_message(true, 'pg_assets', %s)::text", [slot]
+            ).fetchone()
     except psycopg.Error as e:
         raise CdcError(f"heartbeat for replication slot {slot!r} failed: {e}") from e
     return parse_lsn(row[0])  # type: ignore[index]
