@@ -1,6 +1,11 @@
 """Helpers shared by the CDC tests: waiting for WAL flush, in-memory change files, raw CSV
 fields, replay."""
 
+import hashlib
+import json
+import random
+import re
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -14,6 +19,9 @@ from pg_assets.core.cdc import slot as cdc_slot
 from pg_assets.core.cdc.changes import TableKey
 from pg_assets.core.cdc.reader import PINNED_SETTINGS, Batch, read_batch
 from pg_assets.core.compression import get_codec
+from pg_assets.core.identifiers import QualifiedName
+from pg_assets.core.layout import cdc_folder, cdc_journal
+from pg_assets.sinks.base import Sink
 
 
 def wait_flushed(conn: psycopg.Connection, timeout: float = 20) -> None:
@@ -191,3 +199,171 @@ def cdc_names(pg_conninfo: str) -> Iterator[Callable[[], tuple[str, str]]]:
                 except psycopg.errors.ObjectInUse:
                     time.sleep(0.1)
             cdc_slot.drop_publication(c, pub)
+
+
+class Writer(threading.Thread):
+    """Small transactions of inserts, updates (some changing the key) and deletes, each
+    spread over a few statements so some are always in progress."""
+
+    def __init__(self, conninfo: str, table: sql.Composable, seed: int) -> None:
+        super().__init__(daemon=True)
+        self.conninfo, self.table = conninfo, table
+        self.rng = random.Random(seed)
+        self.stop = threading.Event()
+        self.transactions = 0
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            with psycopg.connect(self.conninfo, autocommit=True) as c:
+                next_id = 1_000_000
+                while not self.stop.is_set():
+                    with c.transaction():
+                        for _ in range(self.rng.randint(1, 4)):
+                            k = self.rng.randint(1, 3000)
+                            op = self.rng.random()
+                            if op < 0.4:
+                                next_id += 1
+                                c.execute(
+                                    sql.SQL("INSERT INTO {} VALUES (%s, md5(%s::text), %s)").format(
+                                        self.table
+                                    ),
+                                    [next_id, next_id, k],
+                                )
+                            elif op < 0.75:
+                                c.execute(
+                                    sql.SQL("UPDATE {} SET v = v || 'u', n = n + 1 WHERE id = %s")
+                                    .format(self.table), [k],
+                                )  # fmt: skip
+                            elif op < 0.85:
+                                next_id += 1
+                                c.execute(
+                                    sql.SQL("UPDATE {} SET id = %s WHERE id = %s").format(
+                                        self.table
+                                    ),
+                                    [next_id, k],
+                                )
+                            else:
+                                c.execute(
+                                    sql.SQL("DELETE FROM {} WHERE id = %s").format(self.table), [k]
+                                )
+                            time.sleep(0.001)
+                    self.transactions += 1
+        except BaseException as e:  # surfaced by finish()
+            self.error = e
+
+    def finish(self) -> int:
+        self.stop.set()
+        self.join(timeout=30)
+        assert not self.is_alive(), "writer did not stop"
+        if self.error is not None:
+            raise self.error
+        return self.transactions
+
+
+@dataclass
+class BronzeCdc:
+    """One table's CDC data as a reader trusting manifests finds it."""
+
+    snapshot: bytes  # the newest snapshot, decompressed
+    snapshot_manifest: dict
+    changes: list[bytes]  # its committed change files, decompressed, in LSN order
+    manifests: list[dict]  # every batch manifest of the slot, in LSN order
+
+
+_BATCH = re.compile(r"[0-9A-F]{16}-[0-9A-F]{16}\.json")
+
+
+def read_bronze_cdc(
+    sink: Sink, source: str, slot: str, table: QualifiedName, codec: str = "gzip"
+) -> BronzeCdc:
+    """Read through the manifests, checking what every ended run must leave: a contiguous chain
+    of batch manifests, each file's size and sha256 as its manifest says, and no file in the
+    table's folder that no manifest commits (no orphans)."""
+    names = sorted(
+        r for r in sink.list_files(cdc_journal(source, slot)) if _BATCH.fullmatch(r.split("/")[-1])
+    )
+    manifests = [json.loads(sink.read_bytes(r)) for r in names]
+    folder = set(sink.list_files(cdc_folder(source, table)))
+    snaps = sorted(r for r in folder if "-snapshot-" in r and r.endswith(".json"))
+    assert snaps, f"no snapshot of {table} in {sorted(folder)}"
+    referenced = set(snaps)
+    for rel in snaps:
+        referenced.add(json.loads(sink.read_bytes(rel))["path"])
+    snap_m = json.loads(sink.read_bytes(snaps[-1]))
+    since = [m for m in manifests if m["end_lsn"] > snap_m["lsn"]]  # one chain since then
+    for a, b in zip(since, since[1:], strict=False):
+        assert b["start_lsn"] == a["end_lsn"], (a["end_lsn"], b["start_lsn"])
+    decompress = get_codec(codec).decompress
+
+    def verified(rel: str, entry: dict) -> bytes:
+        data = sink.read_bytes(rel)
+        assert len(data) == entry["compressed_bytes"]
+        assert hashlib.sha256(data).hexdigest() == entry["sha256"]
+        return decompress(data)
+
+    snapshot = verified(snap_m["path"], snap_m)
+    floor = snap_m["lsn"].encode()
+    changes = []
+    for m in manifests:
+        for f in m["files"]:
+            if (f["schema_name"], f["table_name"]) == (table.schema, table.name):
+                referenced.add(f["path"])
+                records = raw_records(verified(f["path"], f))
+                rows = [r for r in records[1:] if r[1] >= floor]  # the documented replay rule
+                if rows:
+                    changes.append(b"".join(b",".join(r) + b"\n" for r in [records[0], *rows]))
+    assert folder == referenced, f"orphans: {sorted(folder - referenced)}"
+    return BronzeCdc(snapshot, snap_m, changes, manifests)
+
+
+def change_rows(changes: list[bytes]) -> list[list[bytes]]:
+    """Every change row (header dropped), raw fields."""
+    return [r for data in changes for r in raw_records(data)[1:]]
+
+
+def assert_exactly_once(changes: list[bytes], witness: dict[int, int]) -> None:
+    """Each committed change exactly once: no (_commit_lsn, _seq) twice, and per transaction
+    as many rows as an independent decoder (`witness`, xid → changes) saw."""
+    rows = change_rows(changes)
+    keys = [(r[1], r[5]) for r in rows]
+    dupes = {k for k in keys if keys.count(k) > 1} if len(keys) != len(set(keys)) else set()
+    assert not dupes, f"changes landed twice: {sorted(dupes)[:5]}"
+    per_xid: dict[int, int] = {}
+    for r in rows:
+        per_xid[int(r[3])] = per_xid.get(int(r[3]), 0) + 1
+    assert per_xid == witness
+
+
+@dataclass
+class Witness:
+    """A test_decoding slot created next to ours: its own view of which transactions changed
+    a table, and how many rows each, to hold Bronze against."""
+
+    conninfo: str
+    slot: str
+
+    @classmethod
+    def create(cls, conn: psycopg.Connection, slot: str) -> "Witness":
+        conn.execute("SELECT pg_create_logical_replication_slot(%s, 'test_decoding')", [slot])
+        return cls(conn.info.dsn, slot)
+
+    def counts(self, conn: psycopg.Connection, *tables: QualifiedName) -> dict[int, int]:
+        """xid → rows of `tables` (name a partitioned table's partitions: test_decoding
+        reports changes where they are stored)."""
+        wait_flushed(conn)
+        prefix = tuple(f"table {t.schema}.{t.name}: " for t in tables)
+        out: dict[int, int] = {}
+        xid = 0
+        for (data,) in conn.execute(
+            "SELECT data FROM pg_logical_slot_peek_changes(%s, NULL, NULL, 'include-xids', '1')",
+            [self.slot],
+        ):
+            if data.startswith("BEGIN "):
+                xid = int(data.split()[1])
+            elif data.startswith(prefix):
+                out[xid] = out.get(xid, 0) + 1
+        return out
+
+    def drop(self, conn: psycopg.Connection) -> None:
+        conn.execute("SELECT pg_drop_replication_slot(%s)", [self.slot])

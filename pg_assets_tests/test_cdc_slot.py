@@ -4,8 +4,6 @@ added later are snapshotted through a temporary slot; advance, health, lost slot
 checks `pg-assets check` runs, one line per problem."""
 
 import os
-import random
-import threading
 import time
 
 import psycopg
@@ -17,6 +15,7 @@ from pg_assets.core.cdc.lsn import lsn_hex
 from pg_assets.core.cdc.reader import PINNED_SETTINGS, CdcError
 from pg_assets.core.identifiers import QualifiedName
 from pg_assets_tests.cdc_support import (  # noqa: F401
+    Writer,
     cdc_env,
     cdc_names,
     pinned_copy,
@@ -25,66 +24,6 @@ from pg_assets_tests.cdc_support import (  # noqa: F401
     replay,
     wait_flushed,
 )
-
-
-class Writer(threading.Thread):
-    """Small transactions of inserts, updates (some changing the key) and deletes, each
-    spread over a few statements so some are always in progress."""
-
-    def __init__(self, conninfo: str, table: sql.Composable, seed: int) -> None:
-        super().__init__(daemon=True)
-        self.conninfo, self.table = conninfo, table
-        self.rng = random.Random(seed)
-        self.stop = threading.Event()
-        self.transactions = 0
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        try:
-            with psycopg.connect(self.conninfo, autocommit=True) as c:
-                next_id = 1_000_000
-                while not self.stop.is_set():
-                    with c.transaction():
-                        for _ in range(self.rng.randint(1, 4)):
-                            k = self.rng.randint(1, 3000)
-                            op = self.rng.random()
-                            if op < 0.4:
-                                next_id += 1
-                                c.execute(
-                                    sql.SQL("INSERT INTO {} VALUES (%s, md5(%s::text), %s)").format(
-                                        self.table
-                                    ),
-                                    [next_id, next_id, k],
-                                )
-                            elif op < 0.75:
-                                c.execute(
-                                    sql.SQL("UPDATE {} SET v = v || 'u', n = n + 1 WHERE id = %s")
-                                    .format(self.table), [k],
-                                )  # fmt: skip
-                            elif op < 0.85:
-                                next_id += 1
-                                c.execute(
-                                    sql.SQL("UPDATE {} SET id = %s WHERE id = %s").format(
-                                        self.table
-                                    ),
-                                    [next_id, k],
-                                )
-                            else:
-                                c.execute(
-                                    sql.SQL("DELETE FROM {} WHERE id = %s").format(self.table), [k]
-                                )
-                            time.sleep(0.001)
-                    self.transactions += 1
-        except BaseException as e:  # surfaced by finish()
-            self.error = e
-
-    def finish(self) -> int:
-        self.stop.set()
-        self.join(timeout=30)
-        assert not self.is_alive(), "writer did not stop"
-        if self.error is not None:
-            raise self.error
-        return self.transactions
 
 
 def _snapshot_copy(conninfo: str, snap: cdc_slot.ExportedSnapshot, table: sql.Composable) -> bytes:
@@ -262,8 +201,8 @@ def test_a_lost_slot_is_a_clear_failure(db, cdc_env):  # noqa: F811
             read(reader, slot, pub)
     problems = cdc_slot.check_cdc(db, tables=[QualifiedName(s, "gone")], publication=pub, slot=slot)
     assert problems == [
-        f"replication slot '{slot}' is lost (wal_status=lost); drop it (pg-assets cdc drop) "
-        "and re-snapshot the CDC tables"
+        f"replication slot '{slot}' is lost (wal_status=lost); drop it and re-snapshot: "
+        "`pg-assets cdc drop --yes && pg-assets cdc setup`"
     ]
 
 

@@ -42,7 +42,7 @@ from pg_assets.assets.daily import _failure_or_retry, pool_name
 from pg_assets.config import ConfigError, ProjectConfig, TableConfig
 from pg_assets.core.cdc import slot as cdc_slot
 from pg_assets.core.cdc.batch import TableChanges
-from pg_assets.core.cdc.changes import table_display
+from pg_assets.core.cdc.changes import ChangeFileError, table_display
 from pg_assets.core.cdc.lsn import format_lsn
 from pg_assets.core.cdc.pgoutput import commit_datetime
 from pg_assets.core.cdc.reader import CdcError
@@ -271,7 +271,7 @@ def build_cdc_assets(project: ProjectConfig) -> CdcDefinitions | None:
                 yield from check_results(keys, health, slot, max_lag_bytes)
             if isinstance(e, CdcConfigError):
                 raise Failure(f"{where}: the database is not ready:\n" + str(e)) from None
-            if isinstance(e, CdcError) and not isinstance(e.__cause__, Exception):
+            if isinstance(e, CdcError | ChangeFileError) and not isinstance(e.__cause__, Exception):
                 raise Failure(f"{where}: {e}") from None
             raise _failure_or_retry(context, e, where, retries, postgres) from e
         for key in keys:

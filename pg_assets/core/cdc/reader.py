@@ -126,7 +126,8 @@ def _slot_position(conn: psycopg.Connection, slot: str) -> int:
     if wal_status == "lost" or confirmed is None:
         raise CdcError(
             f"replication slot {slot!r} is lost (wal_status={wal_status}): the WAL it needed was "
-            "removed and changes are missing; drop the slot and re-snapshot the CDC tables"
+            "removed and changes are missing; drop it and re-snapshot: "
+            "`pg-assets cdc drop --yes && pg-assets cdc setup`"
         )
     if not same_db:
         raise CdcError(f"replication slot {slot!r} belongs to another database")

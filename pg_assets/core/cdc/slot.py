@@ -37,6 +37,7 @@ import psycopg
 from psycopg import sql
 from psycopg.pq import ExecStatus
 
+from pg_assets.core.cdc.changes import META_COLUMNS, OLD_PREFIX, UNCHANGED_COLUMN
 from pg_assets.core.cdc.lsn import format_lsn, parse_lsn
 from pg_assets.core.cdc.reader import CdcError
 from pg_assets.core.identifiers import QualifiedName
@@ -463,7 +464,7 @@ def check_cdc(
         if existing.lost:
             problems.append(
                 f"replication slot {slot!r} is lost (wal_status={existing.wal_status}); drop it "
-                "(pg-assets cdc drop) and re-snapshot the CDC tables"
+                "and re-snapshot: `pg-assets cdc drop --yes && pg-assets cdc setup`"
             )
     else:
         used, max_slots, senders = conn.execute(
@@ -506,7 +507,7 @@ def _check_table(
     oid, relkind, owned, owner = row
     if relkind not in ("r", "p"):
         return [f"{name} is not a table (relkind {relkind!r}); CDC needs a table"]
-    problems = []
+    problems = _column_clashes(conn, oid, name)
     (filtered,) = conn.execute(
         "SELECT EXISTS (SELECT 1 FROM pg_publication p JOIN pg_publication_rel r"
         " ON r.prpubid = p.oid WHERE p.pubname = %s AND r.prrelid = %s"
@@ -555,3 +556,25 @@ def _check_table(
                 f"(ALTER TABLE {leaf} REPLICA IDENTITY USING INDEX <unique index>)"
             )
     return problems
+
+
+def _column_clashes(conn: psycopg.Connection, oid: int, name: str) -> list[str]:
+    """A column named like a change-file column (`_op`, …, `_old_<key>`) would make the file's
+    header ambiguous; caught here rather than when its first change is read. Key columns are
+    those pgoutput flags: the replica identity's (all of them under FULL)."""
+    rows = conn.execute(
+        "SELECT a.attname, CASE c.relreplident WHEN 'f' THEN true WHEN 'n' THEN false"
+        " ELSE EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid"
+        "  AND a.attnum = ANY (i.indkey) AND CASE c.relreplident WHEN 'd' THEN i.indisprimary"
+        "  ELSE i.indisreplident END) END"
+        " FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid WHERE c.oid = %s"
+        " AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = '' ORDER BY a.attnum",
+        [oid],
+    ).fetchall()
+    reserved = {*META_COLUMNS, UNCHANGED_COLUMN} | {OLD_PREFIX + c for c, key in rows if key}
+    return [
+        f"table {name}: column {c!r} clashes with a change-file column of the same name; "
+        "rename the column or exclude the table from CDC"
+        for c, _ in rows
+        if c in reserved
+    ]
