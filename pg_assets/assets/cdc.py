@@ -241,7 +241,7 @@ def build_cdc_assets(project: ProjectConfig) -> CdcDefinitions | None:
     slot = project.slot_name
 
     @multi_asset(
-        name=f"{project.source}__cdc",
+        name=f"{project.source}__cdc_batch",
         specs=specs,
         check_specs=[
             AssetCheckSpec(

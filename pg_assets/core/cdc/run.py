@@ -21,6 +21,7 @@ every batch since C did). Otherwise:
 
 import datetime as dt
 import json
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -160,6 +161,29 @@ def source_lock(conn: psycopg.Connection, src: CdcSource, run_id: str) -> Iterat
                     conn.execute("SELECT pg_advisory_unlock(hashtextextended(%s, 0))", [key])
             except psycopg.Error:
                 pass  # the session is gone, and its lock with it
+
+
+def wait_until_released(conn: psycopg.Connection, slot: str, timeout_s: float) -> None:
+    """The slot is acquired by another backend while this run holds the source's lock: the
+    session of a run that was killed, still finishing its last statement (a backend notices
+    its client is gone only when it next talks to it). Wait for it, boundedly."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        row = conn.execute(
+            "SELECT s.active_pid, a.application_name FROM pg_replication_slots s"
+            " LEFT JOIN pg_stat_activity a ON a.pid = s.active_pid"
+            " WHERE s.slot_name = %s AND s.active",
+            [slot],
+        ).fetchone()
+        if row is None:
+            return
+        if time.monotonic() > deadline:
+            raise CdcError(
+                f"replication slot {slot!r} is in use by PostgreSQL backend {row[0]} "
+                f"({row[1] or 'no application_name'}) for more than {timeout_s:g} s "
+                "(postgres.lock_timeout_s); only pg_assets may read this slot"
+            )
+        time.sleep(0.05)
 
 
 def _missing_slot(src: CdcSource, head: Head) -> CdcError:
@@ -311,6 +335,8 @@ def prepare(
         assert health is not None and health.confirmed_flush_lsn is not None
         return head, health.confirmed_flush_lsn
     assert health.confirmed_flush_lsn is not None  # check_cdc reports a lost slot
+    if health.active:
+        wait_until_released(admin, src.slot, src.lock_timeout_s)
     added = cdc_slot.ensure_publication(
         admin, src.publication, list(src.tables), lock_timeout_s=src.lock_timeout_s
     )
