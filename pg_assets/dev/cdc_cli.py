@@ -5,6 +5,7 @@ does (`pg_assets.assets.cdc.cdc_source`) and calls the core (`pg_assets.core.cdc
 """
 
 import argparse
+import os
 import sys
 import uuid
 
@@ -56,6 +57,12 @@ def cmd_cdc(args: argparse.Namespace) -> int:
         if not config.tables_of("cdc"):
             print(f"error: {config.path}: no table has `mode: cdc`", file=sys.stderr)
             return 2
+        if args.action == "write":
+            return cmd_write(args)
+        if not os.environ.get(config.postgres.conninfo_env):
+            from pg_assets.dev.cli import _up
+
+            _up()  # the embedded server, as `pg-assets up` starts it
         src = _source(config)
         run_id = f"cli-{uuid.uuid4().hex}"
         if args.action == "setup":
@@ -92,7 +99,7 @@ def cmd_cdc(args: argparse.Namespace) -> int:
                 f"slot: confirmed {format_lsn(health.confirmed_flush_lsn or 0)}, server at "
                 f"{format_lsn(health.current_lsn)}, behind by {_mb(health.lag_bytes)}, "
                 f"retains {_mb(health.retained_bytes)}, wal_status {health.wal_status}, "
-                f"safe_wal_size {_mb(health.safe_wal_size)}"
+                f"safe_wal_size {_mb(health.safe_wal_size) if health.safe_wal_size is not None else 'unlimited'}"
             )
         if head.committed:
             print(f"Bronze: last batch {head.committed.manifest}")
@@ -111,6 +118,71 @@ def cmd_cdc(args: argparse.Namespace) -> int:
         return 1
 
 
+def demo_cdc(config, defs, instance) -> int:  # noqa: ANN001
+    """`pg-assets demo`, CDC part: the first run snapshots, a few transactions, the next run
+    lands them as change files. Returns the number of failed runs."""
+    import os
+
+    from pg_assets.core.cdc.slot import wait_for_flush
+    from pg_assets.dev.demo_data import cdc_demo_changes
+
+    if not config.tables_of("cdc"):
+        return 0
+    job = defs.resolve_job_def(f"{config.source}__cdc")
+    quiet = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+    print(f"\nchange data capture: slot {config.slot_name!r}, job {job.name}")
+    failed = 0
+    for step in ("snapshot", "changes"):
+        if step == "changes":
+            with psycopg.connect(os.environ[config.postgres.conninfo_env], autocommit=True) as c:
+                for round_ in range(3):
+                    cdc_demo_changes(c, round_)
+                wait_for_flush(c)  # the embedded server commits asynchronously
+        result = job.execute_in_process(instance=instance, raise_on_error=False, run_config=quiet)
+        if not result.success:
+            failed += 1
+            print(f"FAILED {job.name}: see the run in the UI")
+            continue
+        for mat in result.get_asset_materialization_events():
+            m = {k: v.value for k, v in mat.materialization.metadata.items()}
+            what = (
+                f"snapshot of {m['snapshot_rows']} rows at {m['snapshot_lsn']}"
+                if "snapshot_rows" in m
+                else f"{m['changes']} changes (I {m['inserts']}, U {m['updates']}, "
+                f"D {m['deletes']}) in {len(m['files'])} file(s), {m['first_commit_lsn']}.."
+                f"{m['last_commit_lsn']}, lag {m['lag_seconds']:.1f} s"
+            )
+            print(f"{mat.asset_key.to_user_string():<28} {what}")
+    print(
+        "To watch the sensor: `pg-assets dev`, turn on the sensor "
+        f"{config.source}__cdc_sensor, and run `pg-assets cdc write` in another terminal"
+    )
+    return failed
+
+
+def cmd_write(args: argparse.Namespace) -> int:
+    """`pg-assets cdc write`: demo transactions on public.inventory every few seconds."""
+    import os
+    import time
+
+    from pg_assets.config import load_config
+    from pg_assets.dev.demo_data import cdc_demo_changes
+
+    config = load_config()
+    conninfo = os.environ.get(config.postgres.conninfo_env)
+    if not conninfo:
+        from pg_assets.dev.cli import _up
+
+        conninfo = _up()
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        round_ = int(time.time()) % 100_000 * 10
+        for n in range(args.rounds or 10**9):
+            made = cdc_demo_changes(conn, round_ + n)
+            print(f"{made} transactions on public.inventory", flush=True)
+            time.sleep(args.every)
+    return 0
+
+
 def add_parser(sub) -> None:  # noqa: ANN001 - argparse's private subparsers type
     p = sub.add_parser("cdc", help="change data capture: setup, drop, status")
     p.set_defaults(fn=cmd_cdc)
@@ -122,3 +194,6 @@ def add_parser(sub) -> None:  # noqa: ANN001 - argparse's private subparsers typ
     d = actions.add_parser("drop", help="drop the slot and the publication (not Bronze)")
     d.add_argument("--yes", action="store_true", help="really drop them")
     actions.add_parser("status", help="slot health and Bronze position")
+    w = actions.add_parser("write", help="demo: a few transactions on public.inventory, repeatedly")
+    w.add_argument("--every", type=float, default=5, help="seconds between rounds")
+    w.add_argument("--rounds", type=int, default=0, help="stop after this many (0: never)")

@@ -38,7 +38,10 @@ def _up(reload: bool = False) -> str:
 
     server = start(_home())
     with psycopg.connect(server.conninfo, autocommit=True) as conn:
-        loaded = conn.execute("SELECT to_regclass('public.customers') IS NOT NULL").fetchone()
+        loaded = conn.execute(
+            "SELECT to_regclass('public.customers') IS NOT NULL"
+            " AND to_regclass('public.inventory') IS NOT NULL"
+        ).fetchone()
         if reload or not (loaded and loaded[0]):
             print(f"loading demo tables ({DEMO_DAYS} days up to {DEMO_END}) ...", flush=True)
             with conn.transaction():
@@ -93,6 +96,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
                     f"{m['compressed_bytes'].value / 1e6:>7.2f} {m['compression_ratio'].value:>6.1f} "
                     f"{m['mb_per_s'].value:>7.1f}  {m['source_relation'].value} ({m['strategy'].value})"
                 )
+    from pg_assets.dev.cdc_cli import demo_cdc
+
+    failed += demo_cdc(config, defs, instance)
     print(f"\nBronze: {config.bronze.root}\nOpen the UI with: .venv/bin/pg-assets dev")
     return 1 if failed else 0
 

@@ -320,6 +320,19 @@ def emit_heartbeat(conn: psycopg.Connection, slot: str) -> int:
     return parse_lsn(row[0])  # type: ignore[index]
 
 
+def wait_for_flush(conn: psycopg.Connection, timeout_s: float = 30) -> None:
+    """Wait until the WAL written so far is flushed, hence decodable: with synchronous_commit
+    off (the embedded demo server), COMMIT returns up to wal_writer_delay before that."""
+    (target,) = conn.execute("SELECT pg_current_wal_insert_lsn()").fetchone()  # type: ignore[misc]
+    deadline = time.monotonic() + timeout_s
+    while not conn.execute("SELECT pg_current_wal_flush_lsn() >= %s::pg_lsn", [target]).fetchone()[
+        0
+    ]:  # type: ignore[index]
+        if time.monotonic() > deadline:
+            raise CdcError(f"WAL not flushed up to {target} within {timeout_s:g} s")
+        time.sleep(0.02)
+
+
 def drop_slot(conn: psycopg.Connection, slot: str) -> bool:
     """Drop the slot if it exists (it must not be in use); True if it did. The WAL it held
     back becomes recyclable: changes not yet in the lake are gone for good."""
