@@ -133,3 +133,10 @@ def test_sensor_as_the_daemon_runs_it(db, cdc_env, tmp_path: Path):  # noqa: F81
         assert len(inst.get_runs()) == 4  # setup, changes, the canceled one, this one
         tick = _tick(context, inst, sensor)
         assert tick.status == TickStatus.SKIPPED
+
+        # a dropped slot with history in Bronze: no run that could only fail, the fix instead
+        db.execute("SELECT pg_drop_replication_slot(%s)", [slot])
+        tick = _tick(context, inst, sensor)
+        assert tick.status == TickStatus.SKIPPED
+        assert "does not exist but Bronze holds CDC data" in tick.skip_reason
+        assert "`pg-assets cdc setup`" in tick.skip_reason

@@ -33,6 +33,7 @@ from dagster._core.storage.dagster_run import NOT_FINISHED_STATUSES
 
 from pg_assets.config import ProjectConfig
 from pg_assets.core.cdc.run import HEARTBEAT_BYTES, poll
+from pg_assets.core.layout import cdc_head
 from pg_assets.core.session import connect_kwargs, read_conninfo
 
 
@@ -49,6 +50,14 @@ def run_in_flight(
         if run.job_name == job_name or wanted & set(run.asset_selection or ()):
             return f"run {run.run_id[:8]} ({run.job_name}) is {run.status.value.lower()}"
     return None
+
+
+def _has_history(project: ProjectConfig) -> bool:
+    """Whether Bronze holds this slot's journal head (one small stat)."""
+    from pg_assets.build import build_resources
+
+    sink = build_resources(project)["bronze"].get_sink()  # type: ignore[attr-defined]
+    return sink.stat(cdc_head(project.source, project.slot_name)) is not None
 
 
 def build_cdc_sensor(
@@ -81,6 +90,16 @@ def build_cdc_sensor(
             return SkipReason(f"cannot read replication slot {slot!r}: {e}")
         if decision.run_key is None:
             return SkipReason(decision.reason)
+        try:
+            dropped = decision.run_key.startswith(f"{slot}:create:") and _has_history(project)
+        except Exception as e:  # Bronze unreachable: say so rather than fail the tick
+            return SkipReason(f"cannot read Bronze for replication slot {slot!r}: {e}")
+        if dropped:
+            return SkipReason(
+                f"replication slot {slot!r} does not exist but Bronze holds CDC data of this "
+                "source: it was dropped, and a run would only fail. Run `pg-assets cdc setup` "
+                "to create it and re-snapshot every CDC table"
+            )
         context.log.info(decision.reason)
         return RunRequest(
             run_key=decision.run_key,

@@ -542,6 +542,11 @@ def sync(
                     f"{batch.transactions} transaction(s), {batch.changes} change(s) in "
                     f"{len(batch.files)} file(s)"
                 )
+                if batch.messages < src.batch_max_changes:
+                    # the read reached the end of the WAL: another would decode the same WAL
+                    # again from the slot's restart point only to find nothing; what arrived
+                    # since is the next run's
+                    break
             if result.batches:
                 journal.save(head)  # the head catches up with the last commit
             result.health = cdc_slot.slot_health(admin, src.slot)
