@@ -190,15 +190,38 @@ def cdc_names(pg_conninfo: str) -> Iterator[Callable[[], tuple[str, str]]]:
         return made[-1]
 
     yield make
-    with psycopg.connect(pg_conninfo, autocommit=True) as c:
-        for slot, pub in made:
-            for _ in range(50):  # a just-closed reader may still hold the slot for a moment
-                try:
-                    cdc_slot.drop_slot(c, slot)
-                    break
-                except psycopg.errors.ObjectInUse:
-                    time.sleep(0.1)
-            cdc_slot.drop_publication(c, pub)
+    for slot, pub in made:
+        drop_slot_and_publication(pg_conninfo, slot, pub)
+
+
+def drop_slot_and_publication(conninfo: str, slot: str, pub: str) -> None:
+    with psycopg.connect(conninfo, autocommit=True) as c:
+        for _ in range(50):  # a just-closed reader may still hold the slot for a moment
+            try:
+                cdc_slot.drop_slot(c, slot)
+                break
+            except psycopg.errors.ObjectInUse:
+                time.sleep(0.1)
+        cdc_slot.drop_publication(c, pub)
+
+
+def lose_slot(db: psycopg.Connection, table: sql.Composable) -> None:
+    """Make PostgreSQL invalidate the slot: cap its WAL at 1 MB, write past it (updates of
+    `table`, which has an int column `n`), checkpoint. Changes a server-wide setting."""
+    db.execute("ALTER SYSTEM SET max_slot_wal_keep_size = '1MB'")
+    try:
+        db.execute("SELECT pg_reload_conf()")
+        for _ in range(100):
+            if db.execute("SHOW max_slot_wal_keep_size").fetchone()[0] == "1MB":  # type: ignore[index]
+                break
+            time.sleep(0.05)
+        for _ in range(4):
+            db.execute(sql.SQL("UPDATE {} SET n = n + 1").format(table))
+            db.execute("SELECT pg_switch_wal()")
+        db.execute("CHECKPOINT")
+    finally:
+        db.execute("ALTER SYSTEM RESET max_slot_wal_keep_size")
+        db.execute("SELECT pg_reload_conf()")
 
 
 class Writer(threading.Thread):

@@ -25,6 +25,8 @@ from pg_assets_tests.cdc_support import (  # noqa: F401
     cdc_env,
     cdc_names,
     change_rows,
+    drop_slot_and_publication,
+    lose_slot,
     pinned_copy,
     raw_records,
     read_bronze_cdc,
@@ -375,14 +377,8 @@ def test_misconfigurations_fail_with_one_line_each(db, cdc_env, proj_factory, mo
         check_table(proj, db, s, "ok")
     finally:
         monkeypatch.undo()
+        drop_slot_and_publication(db.info.dsn, slot, pub)
         with psycopg.connect(db.info.dsn, autocommit=True) as c:
-            for _ in range(50):
-                try:
-                    cdc_slot.drop_slot(c, slot)
-                    break
-                except psycopg.errors.ObjectInUse:
-                    time.sleep(0.1)
-            cdc_slot.drop_publication(c, pub)
             c.execute(sql.SQL("DROP TABLE {}").format(q(s, "ok")))
             c.execute(sql.SQL("DROP OWNED BY {}").format(q(role)))
             c.execute(sql.SQL("DROP ROLE {}").format(q(role)))
@@ -399,20 +395,7 @@ def test_a_lost_slot_fails_and_the_check_errors(db, cdc_env, proj_factory):  # n
     db.execute(sql.SQL("INSERT INTO {} VALUES (1, 0)").format(t))
     proj = proj_factory(cdc_env, ["gone"])
     assert run(proj).success
-    db.execute("ALTER SYSTEM SET max_slot_wal_keep_size = '1MB'")
-    try:
-        db.execute("SELECT pg_reload_conf()")
-        for _ in range(100):
-            if db.execute("SHOW max_slot_wal_keep_size").fetchone()[0] == "1MB":  # type: ignore[index]
-                break
-            time.sleep(0.05)
-        for _ in range(4):
-            db.execute(sql.SQL("UPDATE {} SET n = n + 1").format(t))
-            db.execute("SELECT pg_switch_wal()")
-        db.execute("CHECKPOINT")
-    finally:
-        db.execute("ALTER SYSTEM RESET max_slot_wal_keep_size")
-        db.execute("SELECT pg_reload_conf()")
+    lose_slot(db, t)
     result = run(proj)
     assert not result.success
     assert failure(result).splitlines()[1:] == [

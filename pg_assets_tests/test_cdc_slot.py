@@ -18,6 +18,7 @@ from pg_assets_tests.cdc_support import (  # noqa: F401
     Writer,
     cdc_env,
     cdc_names,
+    lose_slot,
     pinned_copy,
     raw_records,
     read,
@@ -180,20 +181,7 @@ def test_a_lost_slot_is_a_clear_failure(db, cdc_env):  # noqa: F811
     _make_table(db, s, "gone", rows=1)
     cdc_slot.ensure_publication(db, pub, [QualifiedName(s, "gone")])
     cdc_slot.ensure_slot(db, slot)
-    db.execute("ALTER SYSTEM SET max_slot_wal_keep_size = '1MB'")
-    try:
-        db.execute("SELECT pg_reload_conf()")
-        for _ in range(100):
-            if db.execute("SHOW max_slot_wal_keep_size").fetchone()[0] == "1MB":  # type: ignore[index]
-                break
-            time.sleep(0.05)
-        for _ in range(4):
-            db.execute(sql.SQL("UPDATE {} SET n = n + 1").format(sql.Identifier(s, "gone")))
-            db.execute("SELECT pg_switch_wal()")
-        db.execute("CHECKPOINT")
-    finally:
-        db.execute("ALTER SYSTEM RESET max_slot_wal_keep_size")
-        db.execute("SELECT pg_reload_conf()")
+    lose_slot(db, sql.Identifier(s, "gone"))
     health = cdc_slot.slot_health(db, slot)
     assert health is not None and health.lost and health.at_risk
     with psycopg.connect(db.info.dsn) as reader:
