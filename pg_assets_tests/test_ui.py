@@ -99,6 +99,8 @@ def test_ui_lists_one_partitioned_asset_per_demo_table(webserver):
         "{ assetNodes { assetKey { path } groupName isPartitioned partitionKeys } }",
     )
     nodes = {"/".join(n["assetKey"]["path"]): n for n in data["assetNodes"]}
+    cdc = nodes.pop("demo/public/inventory/cdc")  # the demo's CDC table: not partitioned
+    assert not cdc["isPartitioned"] and cdc["groupName"] == "demo"
     assert set(nodes) == {"demo/public/orders", "demo/public/events", "demo/public/customers"}
     for node in nodes.values():
         assert node["isPartitioned"] and node["groupName"] == "demo"
