@@ -4,7 +4,9 @@ from dagster import Definitions
 
 from pg_assets.assets.cdc import build_cdc
 from pg_assets.assets.daily import asset_key, build_daily_asset
+from pg_assets.assets.silver_demo import demo_silver_assets
 from pg_assets.catalog import resolve_tables
+from pg_assets.checks import build_checks
 from pg_assets.config import ConfigError, ProjectConfig
 from pg_assets.resources.bronze import BronzeResource
 from pg_assets.resources.postgres import PostgresResource
@@ -36,11 +38,13 @@ def build_definitions(config: ProjectConfig) -> Definitions:
             )
         keys[k] = r.config.table
     assets = [build_daily_asset(config, r) for r in resolved]
+    checks, sensors = build_checks(config, resolved, assets)
     cdc = build_cdc(config)  # empty without `mode: cdc` tables
     return Definitions(
-        assets=[*assets, *cdc.assets],
+        assets=[*assets, *demo_silver_assets(config, assets), *cdc.assets],
+        asset_checks=checks,
         schedules=[build_daily_schedule(a) for a in assets],
         jobs=cdc.jobs,
-        sensors=cdc.sensors,
+        sensors=[*sensors, *cdc.sensors],
         resources=build_resources(config),
     )

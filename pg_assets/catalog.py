@@ -33,7 +33,11 @@ def resolve_tables(config: ProjectConfig) -> list[ResolvedTable]:
     try:
         conninfo = read_conninfo(pg.conninfo_env)
         with psycopg.connect(
-            conninfo, **connect_kwargs(min(pg.connect_timeout_s, 5), 0), autocommit=True
+            conninfo,
+            **connect_kwargs(
+                min(pg.connect_timeout_s, 5), 0, conninfo, lock_timeout_s=pg.lock_timeout_s
+            ),
+            autocommit=True,
         ) as conn:
             for t in config.tables_of("daily"):
                 try:

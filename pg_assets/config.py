@@ -77,6 +77,64 @@ class BronzeConfig(_Strict):
         return v
 
 
+def _time_of_day(v: Any) -> Any:
+    # YAML reads an unquoted 6:30 as the base-60 integer 390; refuse rather than guess
+    if isinstance(v, int | float) and not isinstance(v, bool):
+        raise ValueError(f"{v!r} is not a time of day; write it quoted, as 'HH:MM' (e.g. '06:30')")
+    return v
+
+
+class ChecksConfig(_Strict):
+    """The `checks:` section: asset checks, the late-data sensor and freshness.
+
+    Set once for the source; a table may override any key in its own `checks:`."""
+
+    enabled: bool = Field(
+        default=True,
+        description="bronze_readable, matches_source and schema_unchanged on every materialized day",
+    )
+    content_hash: bool = Field(
+        default=False,
+        description="also compare an order-independent hash of every row (costs a second scan "
+        "of the day at extraction and in each check)",
+    )
+    read_back_budget_mib: float | None = Field(
+        default=None,
+        gt=0,
+        description="bronze_readable reads at most this much of a day's file (null: all of it)",
+    )
+    late_data: Literal["rematerialize", "warn"] = Field(
+        default="rematerialize",
+        description="what the late-data sensor does with a changed day besides failing its "
+        "matches_source check",
+    )
+    window_days: int = Field(
+        default=30, ge=1, le=3660, description="closed days the late-data sensor re-counts"
+    )
+    sensor_interval_s: int = Field(default=900, ge=30, description="late-data sensor interval")
+    freshness_deadline: dt.time | None = Field(
+        default=dt.time(6, 0),
+        description="yesterday's partition must exist by this time of day, in the table's time "
+        "zone (null: no freshness check)",
+    )
+
+    _deadline = field_validator("freshness_deadline", mode="before")(_time_of_day)
+
+
+class ChecksOverride(_Strict):
+    """A table's `checks:`: any key of the source's section, for this table only."""
+
+    enabled: bool | None = None
+    content_hash: bool | None = None
+    read_back_budget_mib: float | None = Field(default=None, gt=0)
+    late_data: Literal["rematerialize", "warn"] | None = None
+    window_days: int | None = Field(default=None, ge=1, le=3660)
+    sensor_interval_s: int | None = Field(default=None, ge=30)
+    freshness_deadline: dt.time | None = None
+
+    _deadline = field_validator("freshness_deadline", mode="before")(_time_of_day)
+
+
 class TableConfig(_Strict):
     """One table. `mode` decides how it lands: `daily` (a partition per day, by
     `partition_column`), `incremental` (watermark batches by `cursor`, driven by a sensor) or
@@ -99,6 +157,9 @@ class TableConfig(_Strict):
     batch_max_rows: int | None = Field(default=None, gt=0)
     poll_interval_s: float = Field(
         default=30, gt=0, description="incremental: how often the sensor looks for new rows"
+    )
+    checks: ChecksOverride | None = Field(
+        default=None, description="daily: overrides of the source's `checks:` for this table"
     )
 
     @field_validator("table")
@@ -128,7 +189,7 @@ class TableConfig(_Strict):
     def _keys_of_mode(self) -> "TableConfig":
         required = {"daily": ("partition_column",), "incremental": ("cursor", "key"), "cdc": ()}
         allowed = {
-            "daily": {"partition_column", "start", "timezone"},
+            "daily": {"partition_column", "start", "timezone", "checks"},
             "incremental": {"cursor", "key", "lookback", "batch_max_rows", "poll_interval_s"},
             "cdc": {"key"},
         }
@@ -171,7 +232,9 @@ class TableConfig(_Strict):
 
     def fingerprint(self, bronze: BronzeConfig) -> str:
         """A code_version: changes whenever what lands in Bronze for this table would change."""
-        payload = {"table": self.model_dump(mode="json"), "codec": bronze.codec}
+        # checks change what is verified, never what lands: they are not part of the version
+        table = self.model_dump(mode="json", exclude={"checks"})
+        payload = {"table": table, "codec": bronze.codec}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -192,6 +255,7 @@ class ProjectConfig(_Strict):
     postgres: PostgresConfig = PostgresConfig()
     bronze: BronzeConfig
     cdc: CdcConfig = CdcConfig()
+    checks: ChecksConfig = ChecksConfig()
     tables: list[TableConfig] = Field(min_length=1)
     path: Path | None = Field(default=None, exclude=True)
 
@@ -205,6 +269,12 @@ class ProjectConfig(_Strict):
     @property
     def publication_name(self) -> str:
         return self.cdc.publication or f"pg_assets_{self.source.lower()}"
+
+    def checks_for(self, table: TableConfig) -> ChecksConfig:
+        """The source's `checks:` with the table's own `checks:` keys applied over it."""
+        if table.checks is None:
+            return self.checks
+        return self.checks.model_copy(update=table.checks.model_dump(exclude_unset=True))
 
     def table_context(self, table: TableConfig) -> str:
         return f"{self.path or '<config>'}: table {table.table!r}"

@@ -6,20 +6,129 @@ us: appended data stays invisible until flushed, appends and flushes must come a
 position, a rename needs an existing source and replaces the destination, and errors carry
 the service's codes (JSON bodies for DFS, XML for Blob, `x-ms-error-code` on both).
 
-It records every request and the largest request body, and can inject faults (a failing
-append, a forbidden account) so tests can drive the real SDK through real failures.
+Authorization is checked as Azure Storage checks it, so a wrong key fails as it would in
+Azure (403 AuthenticationFailed):
+- SharedKey (Blob and DFS use the same scheme, version 2009-09-19 and later): the
+  signature must be HMAC-SHA256, under the account key, of the string-to-sign of the
+  "Authorize with Shared Key" documentation: VERB, Content-Encoding, Content-Language,
+  Content-Length (empty when 0), Content-MD5, Content-Type, Date, If-Modified-Since,
+  If-Match, If-None-Match, If-Unmodified-Since, Range, one line each, then the x-ms-
+  headers (lowercase names, sorted, whitespace folded, `name:value\n`), then the
+  canonicalized resource `/<account><encoded URI path>` followed by `\nname:value` for
+  each query parameter (lowercase names, sorted; values decoded; several values sorted
+  and comma-joined). `x-ms-date` (or `Date`) must be within 15 minutes of now.
+- Account SAS (`sig` in the query, no `sr`): `sig` must be HMAC-SHA256, under the account
+  key, of `account\nsp\nss\nsrt\nst\nse\nsip\nspr\nsv\n` (plus `ses\n` from signed version
+  2020-12-06); expired or not-yet-valid tokens fail with AuthenticationFailed; the
+  services (`ss` must include b), resource types (`srt`: c for filesystem operations, o
+  for paths) and permissions (`sp`) must cover the operation. Service and user-delegation
+  SAS are not supported and fail with AuthenticationFailed.
+
+It records every request and the largest request body, and injects faults so tests can
+drive the real SDK through real failures: an error status instead of the operation, or a
+"lost response" (the operation is applied, then the connection is dropped unanswered).
 URLs are IP-style, as for Azurite: http://127.0.0.1:<port>/<account>/<filesystem>/<path>.
 """
 
+import base64
+import datetime as dt
 import email.utils
 import hashlib
+import hmac
+import io
 import json
 import re
 import threading
 import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import unquote, urlsplit
+
+# Azurite's published development key for devstoreaccount1 (public, not a secret)
+DEV_ACCOUNT_KEY = (
+    "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+)
+CLOCK_SKEW = dt.timedelta(minutes=15)
+_SIGNED_HEADERS = (
+    "Content-Encoding",
+    "Content-Language",
+    "Content-Length",
+    "Content-MD5",
+    "Content-Type",
+    "Date",
+    "If-Modified-Since",
+    "If-Match",
+    "If-None-Match",
+    "If-Unmodified-Since",
+    "Range",
+)
+_DFS_OPS = {"create", "append", "flush", "rename", "delete", "list", "mkdir"}
+# operation -> (SAS resource type, any one of these permissions)
+_SAS_NEEDS = {
+    "fs_create": ("c", "cw"),
+    "fs_delete": ("c", "d"),
+    "fs_props": ("c", "r"),
+    "list": ("c", "l"),
+    "create": ("o", "cw"),
+    "mkdir": ("o", "cw"),
+    "append": ("o", "aw"),
+    "flush": ("o", "w"),
+    "rename": ("o", "w"),
+    "delete": ("o", "d"),
+    "read": ("o", "r"),
+    "props": ("o", "r"),
+}
+
+
+def query_params(raw_query: str) -> dict[str, list[str]]:
+    """Query parameters as the service reads them: names and values percent-decoded
+    (a `+` stays a plus, as in a SAS signature)."""
+    params: dict[str, list[str]] = {}
+    for pair in raw_query.split("&"):
+        if not pair:
+            continue
+        name, _, value = pair.partition("=")
+        params.setdefault(unquote(name), []).append(unquote(value))
+    return params
+
+
+def shared_key_string_to_sign(
+    method: str, raw_path: str, raw_query: str, headers: dict[str, str], account: str
+) -> str:
+    """The SharedKey string-to-sign for Blob and DFS (version 2009-09-19 and later)."""
+    lower = {k.lower(): v for k, v in headers.items()}
+
+    def value(name: str) -> str:
+        v = lower.get(name.lower(), "")
+        return "" if name == "Content-Length" and v == "0" else v
+
+    lines = [method, *(value(n) for n in _SIGNED_HEADERS)]
+    x_ms = sorted((k, " ".join(v.split())) for k, v in lower.items() if k.startswith("x-ms-"))
+    canonical_headers = "".join(f"{k}:{v}\n" for k, v in x_ms)
+    resource = f"/{account}{raw_path}"
+    params = {k.lower(): v for k, v in query_params(raw_query).items()}
+    for name in sorted(params):
+        resource += f"\n{name}:{','.join(sorted(params[name]))}"
+    return "\n".join(lines) + "\n" + canonical_headers + resource
+
+
+def account_sas_string_to_sign(account: str, q: dict[str, str]) -> str:
+    fields = [account, *(q.get(k, "") for k in ("sp", "ss", "srt", "st", "se", "sip", "spr"))]
+    fields.append(q.get("sv", ""))
+    if q.get("sv", "") >= "2020-12-06":
+        fields.append(q.get("ses", ""))
+    return "\n".join(fields) + "\n"
+
+
+def sign(key: str, text: str) -> str:
+    digest = hmac.new(base64.b64decode(key), text.encode("utf-8"), hashlib.sha256).digest()
+    return base64.b64encode(digest).decode()
+
+
+def _sas_time(value: str) -> dt.datetime:
+    if len(value) == 10:
+        value += "T00:00:00Z"
+    return dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
 
 
 @dataclass
@@ -38,24 +147,39 @@ class _File:
 
 @dataclass
 class Fault:
-    """Answer the `nth` (1-based) request matching `op` with `status`/`code`, `times` times."""
+    """From the `nth` (1-based) request matching `op` (and `path`, a substring of
+    `<filesystem>/<path>`, if given), `times` times:
 
-    op: str  # "append", "flush", "rename", "create", ...
-    nth: int
-    status: int
-    code: str
+    - mode "fail": answer `status`/`code` without applying the operation;
+    - mode "lost": apply the operation, then drop the connection without an answer (the
+      client sees the connection closed: a lost response);
+    - mode "hang": neither apply nor answer for `delay` seconds, then drop the connection
+      (a service that stops responding; the client's read timeout must end the wait).
+    """
+
+    op: str  # "append", "flush", "rename", "create", "delete", "mkdir", "props", ...
+    nth: int = 1
+    status: int = 500
+    code: str = "InternalError"
     times: int = 10**9
+    mode: str = "fail"
+    path: str | None = None
+    delay: float = 30.0
     seen: int = 0
+    hits: int = 0  # how many requests this fault took
 
 
 class AdlsTestServer:
-    def __init__(self, account: str = "devstoreaccount1") -> None:
+    def __init__(self, account: str = "devstoreaccount1", key: str = DEV_ACCOUNT_KEY) -> None:
         self.account = account
+        self.key = key
+        self.auth_failures: list[str] = []  # why each rejected request was rejected
         self.filesystems: dict[str, dict[str, _File]] = {}
         self.directories: dict[str, set[str]] = {}
         self.lock = threading.Lock()
         self.requests: list[tuple[str, str, str, int]] = []  # method, op, path, body size
         self.max_body = 0
+        self.max_response = 0  # the largest response body: what one read holds in memory
         self.faults: list[Fault] = []
         self.forbidden = False
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -101,7 +225,8 @@ class AdlsTestServer:
 
     def _dispatch(self, h: BaseHTTPRequestHandler) -> None:
         parts = urlsplit(h.path)
-        q = {k: v[0] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
+        params = query_params(parts.query)
+        q = {k: v[0] for k, v in params.items()}
         length = int(h.headers.get("Content-Length") or 0)
         body = h.rfile.read(length) if length else b""
         segs = unquote(parts.path).lstrip("/").split("/", 2)
@@ -109,24 +234,101 @@ class AdlsTestServer:
         fs = segs[1] if len(segs) > 1 else ""
         path = segs[2] if len(segs) > 2 else ""
         op = self._op(h.command, q, h.headers, path)
+        hang = self._dispatch_locked(h, parts, q, op, fs, path, account, body)
+        if hang:
+            time.sleep(hang)  # outside the lock: other requests go on
+            h.close_connection = True
+
+    def _dispatch_locked(self, h, parts, q, op, fs, path, account, body) -> float | None:
         with self.lock:
             self.requests.append((h.command, op, f"{fs}/{path}", len(body)))
             self.max_body = max(self.max_body, len(body))
-            dfs = op in {"create", "append", "flush", "rename", "delete", "list", "mkdir"}
+            dfs = op in _DFS_OPS
             if account != self.account:
-                return self._error(h, 404, "AccountNotFound" if False else "ResourceNotFound", dfs)
-            if self.forbidden or not (h.headers.get("Authorization") or "sig" in q):
+                return self._error(h, 404, "ResourceNotFound", dfs)
+            denied = self._authorize(h, parts, q, op)
+            if denied is not None:
+                status, code, why = denied
+                self.auth_failures.append(why)
+                return self._error(h, status, code, dfs)
+            if self.forbidden:
                 return self._error(h, 403, "AuthorizationPermissionMismatch", dfs)
+            handler = getattr(self, f"_op_{op}", None)
             for f in self.faults:
-                if f.op == op:
+                if f.op == op and (f.path is None or f.path in f"{fs}/{path}"):
                     f.seen += 1
                     if f.seen >= f.nth and f.times > 0:
                         f.times -= 1
-                        return self._error(h, f.status, f.code, dfs)
-            handler = getattr(self, f"_op_{op}", None)
+                        f.hits += 1
+                        if f.mode == "fail":
+                            return self._error(h, f.status, f.code, dfs)
+                        if f.mode == "hang":
+                            return f.delay
+                        return self._lose_response(h, handler, q, fs, path, body)
             if handler is None:
                 return self._error(h, 400, "UnsupportedOperation", dfs)
             handler(h, q, fs, path, body)
+        return 0
+
+    def _lose_response(self, h, handler, q, fs, path, body) -> None:
+        """Apply the operation, then close the connection without sending its answer."""
+        wfile = h.wfile
+        h.wfile = io.BytesIO()
+        try:
+            if handler is not None:
+                handler(h, q, fs, path, body)
+        finally:
+            h.wfile = wfile
+            h.close_connection = True
+
+    # -- authorization ----------------------------------------------------------------------
+
+    def _authorize(self, h, parts, q: dict[str, str], op: str) -> tuple[int, str, str] | None:
+        """None if the request is authorized, else (status, code, reason)."""
+        auth = h.headers.get("Authorization")
+        if auth:
+            scheme, _, credential = auth.partition(" ")
+            account, _, signature = credential.partition(":")
+            if scheme != "SharedKey" or account != self.account:
+                return 403, "AuthenticationFailed", f"unsupported authorization {scheme}"
+            stamp = h.headers.get("x-ms-date") or h.headers.get("Date")
+            try:
+                when = email.utils.parsedate_to_datetime(stamp or "")
+            except (TypeError, ValueError):
+                return 403, "AuthenticationFailed", "no valid x-ms-date or Date header"
+            if abs(dt.datetime.now(dt.UTC) - when) > CLOCK_SKEW:
+                return 403, "AuthenticationFailed", "request date outside the allowed skew"
+            headers = {k: v for k, v in h.headers.items()}
+            sts = shared_key_string_to_sign(h.command, parts.path, parts.query, headers, account)
+            if not hmac.compare_digest(sign(self.key, sts), signature):
+                return 403, "AuthenticationFailed", f"SharedKey signature mismatch for {sts!r}"
+            return None
+        if "sig" in q:
+            return self._authorize_sas(q, op)
+        return 401, "NoAuthenticationInformation", "no Authorization header and no SAS"
+
+    def _authorize_sas(self, q: dict[str, str], op: str) -> tuple[int, str, str] | None:
+        if "sr" in q or "skoid" in q:
+            return 403, "AuthenticationFailed", "only account SAS is supported"
+        expected = sign(self.key, account_sas_string_to_sign(self.account, q))
+        if not hmac.compare_digest(expected, q["sig"]):
+            return 403, "AuthenticationFailed", "SAS signature mismatch"
+        now = dt.datetime.now(dt.UTC)
+        try:
+            if now > _sas_time(q.get("se", "")) or ("st" in q and now < _sas_time(q["st"])):
+                return 403, "AuthenticationFailed", "SAS outside its validity period"
+        except ValueError:
+            return 403, "AuthenticationFailed", "SAS with an invalid st/se"
+        if q.get("spr") == "https":
+            return 403, "AuthorizationProtocolMismatch", "SAS allows https only"
+        if "b" not in q.get("ss", ""):
+            return 403, "AuthorizationServiceMismatch", "SAS does not cover the Blob service"
+        resource, permissions = _SAS_NEEDS.get(op, ("o", "r"))
+        if resource not in q.get("srt", ""):
+            return 403, "AuthorizationResourceTypeMismatch", f"SAS srt lacks {resource}"
+        if not set(permissions) & set(q.get("sp", "")):
+            return 403, "AuthorizationPermissionMismatch", f"SAS sp lacks {permissions}"
+        return None
 
     @staticmethod
     def _op(method: str, q: dict[str, str], headers, path: str) -> str:
@@ -157,6 +359,7 @@ class AdlsTestServer:
             h.send_header(k, v)
         h.end_headers()
         if h.command != "HEAD":
+            self.max_response = max(self.max_response, len(body))
             h.wfile.write(body)
 
     def _error(self, h, status: int, code: str, dfs: bool) -> None:
@@ -273,8 +476,11 @@ class AdlsTestServer:
         src_files = self.filesystems.get(src_fs, {})
         if src_path not in src_files:
             return self._error(h, 404, "SourcePathNotFound", True)
+        parent = path.rsplit("/", 1)[0] if "/" in path else ""
+        if parent and parent not in self.directories[fs]:
+            # unlike create, a rename does not create the destination's parents
+            return self._error(h, 404, "RenameDestinationParentPathNotFound", True)
         files[path] = src_files.pop(src_path)
-        self._mkdirs(fs, path)
         self._send(h, 201)
 
     def _op_delete(self, h, q, fs, path, body) -> None:
@@ -286,7 +492,8 @@ class AdlsTestServer:
             return self._send(h, 200)
         if path in self.directories[fs]:
             inside = [p for p in files if p.startswith(path + "/")]
-            if inside and q.get("recursive") != "true":
+            subdirs = [d for d in self.directories[fs] if d.startswith(path + "/")]
+            if (inside or subdirs) and q.get("recursive") != "true":
                 return self._error(h, 409, "DirectoryNotEmpty", True)
             for p in inside:
                 del files[p]
@@ -305,6 +512,12 @@ class AdlsTestServer:
         return f
 
     def _op_props(self, h, q, fs, path, body) -> None:
+        if fs in self.filesystems and path in self.directories[fs]:
+            # a directory seen through the Blob API: an empty blob marked as a folder
+            stamp = email.utils.formatdate(usegmt=True)
+            headers = {"ETag": '"0x2"', "Last-Modified": stamp, "x-ms-blob-type": "BlockBlob",
+                       "x-ms-meta-hdi_isfolder": "true", "Content-Length": "0"}  # fmt: skip
+            return self._send(h, 200, headers)
         if (f := self._blob(h, fs, path)) is not None:
             self._send(h, 200, {**self._file_headers(f), "Content-Length": str(len(f.data))})
 

@@ -122,7 +122,7 @@ def test_unknown_top_level_key_and_bad_codec(tmp_path):
         (
             {"table": "public.victim", "partition_column": "nope"},
             "partition_column",
-            "no column 'nope'",
+            "has no column nope (columns: d)",
         ),
         (
             {"table": "public.no_date", "partition_column": "label"},

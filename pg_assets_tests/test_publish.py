@@ -6,7 +6,10 @@ snapshot is exact."""
 import datetime as dt
 import gzip
 import json
+import subprocess
+import sys
 import threading
+import time
 
 import psycopg
 import pytest
@@ -42,44 +45,58 @@ def failure_message(result) -> str:
 # rename it over _manifest.json (the commit point), list the folder, delete the superseded
 # data file. Each fault below makes one of them fail for good (after the SDK's retries).
 STEPS = [
-    ("create", 1, "old"),  # staging data file
-    ("append", 1, "old"),
-    ("flush", 1, "old"),  # data
-    ("rename", 1, "old"),  # data → versioned name
-    ("create", 2, "old"),  # staging manifest
-    ("flush", 2, "old"),  # manifest
-    ("rename", 2, "old"),  # manifest → _manifest.json: the commit point
-    ("list", 1, "new+unlisted"),  # listing the folder after the commit
-    ("delete", 1, "new+leftover"),  # the superseded data file
+    # (op, nth, mode, how the day ends, what the failure says)
+    ("create", 1, "fail", "old", "ADLS create of"),  # staging data file
+    ("append", 1, "fail", "old", "ADLS append of"),
+    ("flush", 1, "fail", "old", "ADLS flush of"),  # data
+    ("rename", 1, "fail", "old", "ADLS rename"),  # data → versioned name
+    ("create", 2, "fail", "old", "previous version stays published"),  # staging manifest
+    ("flush", 2, "fail", "old", "previous version stays published"),  # manifest
+    ("rename", 2, "fail", "old", "previous version stays published"),  # the commit point
+    ("list", 1, "fail", "new+unlisted", "could not list"),  # after the commit
+    ("delete", 1, "fail", "new+leftover", "could not be removed"),  # the superseded file
+    # a lost response: the request was applied, its answer never came
+    ("flush", 1, "lost", "new", ""),
+    ("rename", 1, "lost", "new", ""),
+    ("create", 2, "lost", "new", ""),
+    ("rename", 2, "lost", "new", ""),
+    ("delete", 1, "lost", "new", ""),
 ]
 
 
-@pytest.mark.parametrize("op,nth,ends", STEPS, ids=[f"{o}{n}" for o, n, _ in STEPS])
-def test_a_failed_step_leaves_one_consistent_version(orders, adls, project, db, op, nth, ends):
+@pytest.mark.parametrize(
+    "op,nth,mode,ends,says", STEPS, ids=[f"{o}{n}-{m}" for o, n, m, _, _ in STEPS]
+)
+def test_a_failed_or_lost_step_leaves_one_consistent_version(
+    orders, adls, project, db, op, nth, mode, ends, says
+):
     p = project([TABLE], bronze=adls_bronze(adls))
     assert p.materialize(DAY.isoformat()).success
     old_data, old_manifest = p.read_day(NAME, DAY)
 
     db.execute("UPDATE pub.orders SET note = 'v2' WHERE id = 1")
     try:
-        adls.faults.append(Fault(op, nth=nth, status=500, code="InternalError"))
+        adls.faults.append(Fault(op, nth=nth, mode=mode, times=1 if mode == "lost" else 10**9))
         result = p.materialize(DAY.isoformat())
+        assert adls.faults[0].hits >= 1, "the fault never fired"
     finally:
         adls.faults.clear()
         db.execute("UPDATE pub.orders SET note = NULL WHERE id = 1")
+    if ends == "new":  # recognised as done: the run succeeds with the new version
+        assert result.success
+        data, manifest = p.read_day(NAME, DAY)
+        assert b"v2" in gzip.decompress(data)
+        assert manifest["history"][0]["file"] == old_manifest["file"]
+        return
     assert not result.success
     message = failure_message(result)
-    assert "pub.orders" in message and DAY.isoformat() in message
-
+    assert "table pub.orders, partition 2026-10-07" in message and says in message
     if ends == "old":
-        assert "previous version" in message or "_staging" in message or "failed" in message
         assert p.read_day(NAME, DAY) == (old_data, old_manifest)
     else:
         assert "new version is published" in message
         if ends == "new+leftover":
             assert old_manifest["file"] in message
-        else:
-            assert "could not list" in message
         paths = daily_paths("test", NAME, DAY)
         manifest = json.loads(p.sink().read_bytes(paths.manifest))
         assert manifest["file"] != old_manifest["file"]
@@ -91,6 +108,35 @@ def test_a_failed_step_leaves_one_consistent_version(orders, adls, project, db, 
         assert p.materialize(DAY.isoformat()).success
         p.read_day(NAME, DAY)
     assert [f for f in adls.files("bronze") if "_staging/" in f] == []
+
+
+def test_the_snapshot_is_not_held_while_publishing(orders, adls, project, pg_conninfo):
+    """The day's transaction ends with the COPY: while the publish hangs on the lake, the
+    extraction's session is idle, not idle in transaction (holding back vacuum)."""
+    p = project([TABLE], bronze=adls_bronze(adls, timeout_s=10))
+    fault = Fault("rename", nth=1, mode="hang", delay=3, times=1)
+    adls.faults.append(fault)
+    outcome: list[object] = []
+    run = threading.Thread(target=lambda: outcome.append(p.materialize(DAY.isoformat())))
+    run.start()
+    states = set()
+    with psycopg.connect(pg_conninfo, autocommit=True) as c:
+        deadline = time.monotonic() + 60
+        while fault.hits == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert fault.hits == 1, "the publish never reached the rename"
+        for _ in range(20):  # well inside the 3 s the rename hangs
+            states |= {
+                row[0]
+                for row in c.execute(
+                    "SELECT state FROM pg_stat_activity WHERE application_name LIKE 'pg_assets%'"
+                )
+            }
+            time.sleep(0.05)
+    run.join(120)
+    adls.faults.clear()
+    assert outcome and outcome[0].success  # type: ignore[attr-defined]
+    assert states == {"idle"}, states
 
 
 # -- two runs of one day ----------------------------------------------------------------------
@@ -112,28 +158,60 @@ def test_a_run_waits_for_the_day_then_fails_naming_the_holder(orders, project, d
     assert p.read_day(NAME, DAY) == before
 
 
+MATERIALIZE = """
+import json, sys
+from dagster import DagsterInstance, materialize
+from pg_assets.build import build_definitions, build_resources
+from pg_assets.config import load_config
+config = load_config(sys.argv[1])
+asset = next(a for a in build_definitions(config).assets if a.key.path[-1] == "orders")
+with DagsterInstance.ephemeral() as instance:
+    r = materialize([asset], partition_key=sys.argv[2], resources=build_resources(config),
+                    instance=instance, raise_on_error=False)
+print(json.dumps({"success": r.success, "run_id": r.run_id}))
+"""
+
+
 def test_concurrent_runs_of_a_day_do_not_interleave(orders, project, db):
-    """Two real materializations of the same day at once: both succeed one after the other,
-    and the day ends as one of them, its manifest describing its own file."""
+    """Two real materializations of the same day, in two processes, released at the same
+    instant: they run one after the other, both succeed, and the day ends as the second,
+    its manifest describing its own file and naming the first as the version it replaced."""
     p = project([TABLE], postgres={"lock_timeout_s": 120})
-    results: list[object] = []
-    barrier = threading.Barrier(2)
-
-    def run() -> None:
-        barrier.wait(10)
-        results.append(p.materialize(DAY.isoformat()))
-
-    threads = [threading.Thread(target=run) for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(300)
-    assert len(results) == 2 and all(r.success for r in results)  # type: ignore[attr-defined]
+    key = lock_key("test", NAME, DAY)
+    with psycopg.connect(db.info.dsn, autocommit=True) as gate:
+        gate.execute("SELECT pg_advisory_lock(hashtextextended(%s, 0))", (key,))
+        runs = [
+            subprocess.Popen(
+                [sys.executable, "-c", MATERIALIZE, str(p.config.path), DAY.isoformat()],
+                stdout=subprocess.PIPE,
+                text=True,
+            )  # fmt: skip
+            for _ in range(2)
+        ]
+        deadline = time.monotonic() + 120
+        while waiting_for(db, key) < 2:  # both runs queue on the day's lock
+            assert time.monotonic() < deadline, "the runs never waited for the day's lock"
+            assert all(r.poll() is None for r in runs), "a run ended without waiting"
+            time.sleep(0.1)
+        gate.execute("SELECT pg_advisory_unlock(hashtextextended(%s, 0))", (key,))
+    outcomes = [json.loads(r.communicate(timeout=300)[0].strip().splitlines()[-1]) for r in runs]
+    assert all(o["success"] for o in outcomes)
     data, manifest = p.read_day(NAME, DAY)  # one data file, described by the manifest
-    run_ids = {r.run_id for r in results}  # type: ignore[attr-defined]
+    run_ids = {o["run_id"] for o in outcomes}
     assert manifest["run_id"] in run_ids and manifest["history"][0]["run_id"] in run_ids
+    assert manifest["run_id"] != manifest["history"][0]["run_id"]
     expected = postgres_copy(db, day_query(sql.Identifier("pub", "orders"), "order_date", DAY))
     assert gzip.decompress(data) == expected
+
+
+def waiting_for(db: psycopg.Connection, key: str) -> int:
+    """Backends waiting on the advisory lock `key`."""
+    (n,) = db.execute(
+        """SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted
+             AND ((classid::bigint << 32) | objid::bigint) = hashtextextended(%s, 0)""",
+        (key,),
+    ).fetchone()
+    return n
 
 
 # -- the snapshot ----------------------------------------------------------------------------

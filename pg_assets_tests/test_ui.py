@@ -96,11 +96,15 @@ def graphql(url: str, query: str, **variables: object) -> dict:
 def test_ui_lists_one_partitioned_asset_per_demo_table(webserver):
     data = graphql(
         webserver,
-        "{ assetNodes { assetKey { path } groupName isPartitioned partitionKeys } }",
+        "{ assetNodes { assetKey { path } groupName isPartitioned partitionKeys"
+        " dependencyKeys { path } } }",
     )
     nodes = {"/".join(n["assetKey"]["path"]): n for n in data["assetNodes"]}
     cdc = nodes.pop("demo/public/inventory/cdc")  # the demo's CDC table: not partitioned
     assert not cdc["isPartitioned"] and cdc["groupName"] == "demo"
+    silver = nodes.pop("demo/silver/daily_order_totals")  # the downstream example (Silver)
+    assert silver["dependencyKeys"] == [{"path": ["demo", "public", "orders"]}]
+    assert silver["isPartitioned"] and DAY in silver["partitionKeys"]
     assert set(nodes) == {"demo/public/orders", "demo/public/events", "demo/public/customers"}
     for node in nodes.values():
         assert node["isPartitioned"] and node["groupName"] == "demo"

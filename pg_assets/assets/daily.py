@@ -132,6 +132,7 @@ def build_daily_asset(project: ProjectConfig, resolved: ResolvedTable) -> Assets
                     run_id=context.run_id,
                     block_size=bronze.block_size,
                     lock_timeout_s=project.postgres.lock_timeout_s,
+                    content_hash=project.checks_for(table).content_hash,
                 )
         except CatalogError as e:
             raise Failure(f"{where}: {e} (config key {e.key!r})") from None

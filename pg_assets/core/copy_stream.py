@@ -11,12 +11,16 @@ bounded by (gather size × queue depth) + block size, whatever the partition's s
 Copy iterator yields roughly one row per chunk in CSV, which is why chunks are gathered
 before compressing: per-call overhead would otherwise dominate.
 
+The queue is a `Handoff`: neither side ever blocks on it for good. A failure in the worker
+(writer or compressor, on any block including the last, which is written only after the
+COPY ends) reaches the caller's thread as the worker's own exception within a poll interval;
+a failure or interrupt in the caller's thread stops the worker.
+
 Nothing here knows about Dagster; failures propagate as ordinary exceptions and the caller
-decides what to publish (see `pg_assets.core.publish`).
+decides what to publish (see `pg_assets.core.extract`).
 """
 
 import hashlib
-import queue
 import threading
 import time
 from dataclasses import dataclass
@@ -26,8 +30,11 @@ import psycopg
 from psycopg import sql
 
 from pg_assets.core.compression import Compressor
+from pg_assets.core.handoff import Handoff
 
 GATHER_BYTES = 1 << 20
+STALL_S = 3600.0  # a writer silent this long (a hung mount) fails the copy
+ABORT_GRACE_S = 10.0  # after a failure, how long the worker may take to notice and stop
 _DONE = object()
 
 
@@ -91,32 +98,42 @@ class BlockCutter:
             self._writer.write(block)
 
 
-class _Compressing(threading.Thread):
+class _Watched:
+    """The writer as the worker thread sees it: no block is written once the producer gave
+    up, and each written block counts as progress for the stall watch."""
+
+    def __init__(self, writer: BlockWriter, handoff: Handoff) -> None:
+        self._writer, self._handoff = writer, handoff
+
+    def write(self, block: bytes, /) -> None:
+        self._handoff.raise_if_aborted()  # the producer gave up: stop writing
+        self._writer.write(block)
+        self._handoff.touch()
+
+
+class _Compressing:
     """Consumes raw chunks, emits compressed blocks of exactly `block_size` (last one shorter)."""
 
-    def __init__(self, compressor: Compressor, writer: BlockWriter, block_size: int, depth: int):
-        super().__init__(name="pg_assets-compress", daemon=True)
-        self.inbox: queue.Queue[object] = queue.Queue(maxsize=depth)
-        self.error: BaseException | None = None
-        self.cutter = BlockCutter(compressor, writer, block_size)
+    def __init__(self, compressor: Compressor, writer: BlockWriter, block_size: int) -> None:
+        self._compressor, self._writer, self._block_size = compressor, writer, block_size
+        self.cutter: BlockCutter | None = None
 
-    def run(self) -> None:
-        try:
-            while (chunk := self.inbox.get()) is not _DONE:
-                if chunk is None:  # aborted by the producer
-                    return
-                self.cutter.write(chunk)  # type: ignore[arg-type]
-            self.cutter.close()
-        except BaseException as e:  # surfaced to the producer, which re-raises it
-            self.error = e
-            # keep draining so the producer never blocks on a full queue
-            while self.inbox.get() not in (_DONE, None):
-                pass
+    @property
+    def compressed_bytes(self) -> int:
+        return self.cutter.compressed_bytes if self.cutter else 0
 
-    def put(self, item: object) -> None:
-        if self.error is not None:
-            raise self.error
-        self.inbox.put(item)
+    @property
+    def sha256(self) -> str:
+        return self.cutter.sha256 if self.cutter else hashlib.sha256().hexdigest()
+
+    def run(self, handoff: Handoff) -> None:
+        self.cutter = cutter = BlockCutter(
+            self._compressor, _Watched(self._writer, handoff), self._block_size
+        )
+        while (chunk := handoff.get()) is not _DONE:
+            cutter.write(chunk)  # type: ignore[arg-type]
+            handoff.touch()
+        cutter.close()
 
 
 def stream_copy(
@@ -128,41 +145,68 @@ def stream_copy(
     block_size: int = 4 << 20,
     queue_depth: int = 4,
     gather_bytes: int = GATHER_BYTES,
+    stall_s: float = STALL_S,
+    abort_grace_s: float = ABORT_GRACE_S,
 ) -> CopyStats:
     """Run `statement` (a `COPY ... TO STDOUT`) and stream its compressed output to `writer`.
 
-    Raises whatever PostgreSQL, the compressor or the writer raised; on error the writer may
-    hold a partial stream, which the caller must discard rather than publish.
+    Raises, in the caller's thread, whatever PostgreSQL, the compressor or the writer raised,
+    whichever block it happened on (the last block is written only after the COPY has
+    ended); KeyboardInterrupt and other BaseExceptions stop the background thread too. No
+    wait is unbounded: a failing writer or compressor cancels the running COPY on the server
+    so the caller does not wait for the rest of the scan, and a writer that makes no progress
+    for `stall_s` seconds fails the copy with `Stalled`. On error the writer may hold a
+    partial stream, which the caller must discard rather than publish.
     """
     started = time.perf_counter()
-    worker = _Compressing(compressor, writer, block_size, queue_depth)
-    worker.start()
+    worker = _Compressing(compressor, writer, block_size)
+    handoff = Handoff(queue_depth, what="the compressing/writing thread", stall_s=stall_s)
+    conn = cursor.connection
+    copying = threading.Lock()  # held while the COPY runs, so a cancel never hits the next query
+    in_copy = True
+
+    def cancel_copy(_error: BaseException) -> None:
+        # The worker failed: stop the server from scanning the rest of the partition. Only
+        # while the COPY is still running; PostgreSQL ignores a cancel once it is idle.
+        with copying:
+            if in_copy:
+                try:
+                    conn.cancel_safe(timeout=5)
+                except Exception:
+                    pass
+
+    handoff.start(lambda: worker.run(handoff), name="pg_assets-compress", on_error=cancel_copy)
     raw_bytes = 0
     try:
-        with cursor.copy(statement) as copy:
-            buf = bytearray()
-            for data in copy:
-                buf += data
-                if len(buf) >= gather_bytes:
+        try:
+            with cursor.copy(statement) as copy:
+                buf = bytearray()
+                for data in copy:
+                    buf += data
+                    if len(buf) >= gather_bytes:
+                        raw_bytes += len(buf)
+                        handoff.put(buf)
+                        buf = bytearray()
+                if buf:
                     raw_bytes += len(buf)
-                    worker.put(buf)
-                    buf = bytearray()
-            if buf:
-                raw_bytes += len(buf)
-                worker.put(buf)
+                    handoff.put(buf)
+        finally:
+            with copying:
+                in_copy = False
         rows = cursor.rowcount
-        worker.put(_DONE)
-    except BaseException:
-        worker.inbox.put(None)
-        worker.join()
+        handoff.put(_DONE)
+        handoff.finish()
+    except BaseException as e:
+        handoff.abort(grace_s=abort_grace_s)
+        cause = handoff.error
+        if cause is not None and cause is not e and isinstance(e, Exception):
+            # the COPY was cancelled (or the put refused) because the worker failed first
+            raise cause from None
         raise
-    worker.join()
-    if worker.error is not None:
-        raise worker.error
     return CopyStats(
         rows=rows,
         raw_bytes=raw_bytes,
-        compressed_bytes=worker.cutter.compressed_bytes,
-        sha256=worker.cutter.sha256,
+        compressed_bytes=worker.compressed_bytes,
+        sha256=worker.sha256,
         seconds=time.perf_counter() - started,
     )

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import psycopg
 import psycopg_pool
 
+from pg_assets.core.planner import ConcurrentChangeError, LockTimeoutError
+
 # SQLSTATE → class name, for those worth retrying
 _RETRYABLE_STATES = {
     "57P01": "lost connection (admin shutdown)",
@@ -82,6 +84,10 @@ def classify(error: BaseException | None) -> Classified:
             return Classified(False, type(error).__name__)
         if isinstance(error, psycopg_pool.PoolTimeout):
             return Classified(True, "no connection from the pool")
+        if isinstance(error, LockTimeoutError):  # DDL held a lock too long; nothing was read
+            return Classified(True, "lock timeout (concurrent DDL)")
+        if isinstance(error, ConcurrentChangeError):  # the catalog moved twice; nothing read
+            return Classified(True, "concurrent DDL")
         error = error.__cause__ or error.__context__
     return Classified(False, "error")
 

@@ -51,20 +51,12 @@ from pg_assets.core.planner import (
     lock_plan,
     plan_day,
 )
+from pg_assets.core.session import PINNED_SETTINGS
+from pg_assets.core.verify import DayCount, content_hash_record, count_day
 from pg_assets.sinks.base import Published, Sink, StagingFile
 
 MANIFEST_VERSION = 2
 HISTORY_KEPT = 20
-# Settings that change COPY's text output, recorded in every manifest as the session had them.
-OUTPUT_SETTINGS = (
-    "DateStyle",
-    "TimeZone",
-    "IntervalStyle",
-    "extra_float_digits",
-    "bytea_output",
-    "lc_monetary",
-    "client_encoding",
-)
 
 
 class ExtractionError(RuntimeError):
@@ -178,16 +170,15 @@ def _history(previous: dict[str, Any] | None) -> list[dict[str, Any]]:
     return [entry, *previous.get("history", [])][:HISTORY_KEPT]
 
 
-def _snapshot_and_settings(conn: psycopg.Connection) -> tuple[dict[str, str], dict[str, str]]:
-    settings = ", ".join(f"current_setting('{s}')" for s in OUTPUT_SETTINGS)
+def _snapshot(conn: psycopg.Connection) -> dict[str, str]:
+    """The transaction's exact snapshot, and a WAL position above every commit it sees."""
     row = conn.execute(
-        "SELECT pg_current_snapshot()::text,"  # noqa: S608 - constant setting names only
+        "SELECT pg_current_snapshot()::text,"
         " CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn()"
-        f" ELSE pg_current_wal_insert_lsn() END::text, {settings}"
+        " ELSE pg_current_wal_insert_lsn() END::text"
     ).fetchone()
     assert row is not None
-    snapshot = {"txid_snapshot": row[0], "lsn_upper_bound": row[1]}
-    return snapshot, dict(zip(OUTPUT_SETTINGS, row[2:], strict=True))
+    return {"txid_snapshot": row[0], "lsn_upper_bound": row[1]}
 
 
 def _committed(sink: Sink, relpath: str, body: bytes) -> bool:
@@ -238,12 +229,15 @@ def extract_day(
     block_size: int = 4 << 20,
     info: TableInfo | None = None,
     lock_timeout_s: float = 60,
+    content_hash: bool = False,
 ) -> ExtractResult:
     """Extract, publish and commit one day of `table` on the pooled connection `conn`.
 
     `info` is the table's catalog description, read once per run by the caller (a ranged run
     plans many days from one description; `lock_plan` re-checks it inside each day's
-    snapshot). `conn` must be idle; it is left idle.
+    snapshot). `conn` must be idle; it is left idle. With `content_hash`, the day's
+    order-independent content hash is computed in the same snapshot as the COPY and stored in
+    the manifest, for the `matches_source` check to compare against later.
     """
     partition_key = day.isoformat()
     where = f"table {table}, partition {partition_key}"
@@ -254,6 +248,7 @@ def extract_day(
                 conn, where=where, source=source, table=table, column=column, day=day,
                 timezone=timezone, sink=sink, codec=codec, level=level, run_id=run_id,
                 block_size=block_size, info=info, lock_timeout_s=lock_timeout_s, paths=paths,
+                content_hash=content_hash,
             )  # fmt: skip
         except (ExtractionError, CatalogError):
             raise
@@ -278,6 +273,7 @@ def _extract_locked(
     info: TableInfo | None,
     lock_timeout_s: float,
     paths: PartitionPaths,
+    content_hash: bool = False,
 ) -> ExtractResult:
     if info is None:
         with conn.transaction():
@@ -288,12 +284,19 @@ def _extract_locked(
     try:
         staging = sink.open_staging(run_id, data_rel, codec.content_type)
         with conn.transaction():  # REPEATABLE READ, READ ONLY (the pool configures it)
+            # first thing: locks before the snapshot, then the plan re-checked in it (and the
+            # session's pinned settings verified)
             plan = lock_plan(conn, info, plan_day(info, day, timezone), lock_timeout_s)
-            snapshot, settings = _snapshot_and_settings(conn)
+            info = plan.info
+            snapshot = _snapshot(conn)
             with conn.cursor() as cur:
                 stats = stream_copy(
                     cur, plan.statement, staging, codec.compressor(level), block_size=block_size
                 )
+            hashed: DayCount | None = None
+            if content_hash:  # same snapshot as the COPY: the hash describes exactly these rows
+                names = [c.name for c in info.columns]
+                hashed = count_day(conn, plan, info.partition_column.name, names)
         # the snapshot is released: what follows waits on the lake only
         published = sink.publish(staging, data_rel, expected_size=stats.compressed_bytes)
         staging = None
@@ -324,12 +327,14 @@ def _extract_locked(
             "timezone": timezone,
             "bounds": {"lower": _jsonable(plan.lower), "upper": _jsonable(plan.upper)},
             "snapshot": snapshot,
-            "session": settings,
+            "session": dict(PINNED_SETTINGS),
             "extracted_at": dt.datetime.now(dt.UTC).isoformat(),
             "seconds": round(stats.seconds, 3),
             "run_id": run_id,
             "history": _history(previous),
         }
+        if hashed is not None:
+            manifest["content_hash"] = content_hash_record(hashed)
         body = json.dumps(manifest, indent=2).encode()
         with conn.transaction():
             conn.execute("SELECT 1")  # still connected, so still holding the day's lock
@@ -443,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
     from pg_assets.core.session import connect_kwargs
 
     try:
-        with psycopg.connect(conninfo, **connect_kwargs(10, 0)) as conn:
+        with psycopg.connect(conninfo, **connect_kwargs(10, 0, conninfo)) as conn:
             conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
             conn.read_only = True
             result = extract_day(

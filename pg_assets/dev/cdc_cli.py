@@ -30,10 +30,11 @@ def check_lines(config) -> list[str]:  # noqa: ANN001
         return []
     pg = config.postgres
     try:
+        conninfo = read_conninfo(pg.conninfo_env)
         with psycopg.connect(
-            read_conninfo(pg.conninfo_env),
+            conninfo,
             autocommit=True,
-            **connect_kwargs(pg.connect_timeout_s, 0),  # type: ignore[arg-type]
+            **connect_kwargs(pg.connect_timeout_s, 0, conninfo),  # type: ignore[arg-type]
         ) as conn:
             return check_cdc(
                 conn, tables=tables, publication=config.publication_name, slot=config.slot_name

@@ -31,11 +31,24 @@ class AdlsSettings(Config):
         description="Explicit account URL (emulators, test servers); default is the public cloud.",
     )
     create_filesystem: bool = False
-    max_retries: int = Field(default=5, ge=0)
-    retry_backoff_s: float = Field(default=2.0, ge=0, description="First retry wait.")
-    retry_backoff_base: float = Field(default=2.0, ge=0, description="Then + base**attempt s.")
+    max_retries: int = Field(
+        default=5,
+        ge=0,
+        description="Retries of one request after a connection error, a lost response or a "
+        "retryable status (408, 5xx but 501/505), all counted together.",
+    )
+    retry_backoff_s: float = Field(
+        default=2.0, ge=0, description="Wait before the first retry (± 20 % jitter)."
+    )
+    retry_backoff_base: float = Field(
+        default=2.0,
+        ge=0,
+        description="Each later wait is the previous one times this (± 20 % jitter).",
+    )
     queue_depth: int = Field(default=4, ge=1, description="Blocks in flight to the appender.")
-    timeout_s: float = Field(default=120, gt=0)
+    timeout_s: float = Field(
+        default=120, gt=0, description="Read timeout of one request (connect: min(20, this))."
+    )
 
 
 class BronzeResource(ConfigurableResource):

@@ -20,14 +20,24 @@ from psycopg_pool import ConnectionPool
 from pydantic import Field, PrivateAttr
 
 from pg_assets.core.errors import diagnose_connect
-from pg_assets.core.session import (
+from pg_assets.core.session import (  # re-exported: the session is defined in the pure core
     APPLICATION_NAME,
+    PINNED_SETTINGS,
     MissingConninfoError,
+    SessionSettingsError,
     connect_kwargs,
     read_conninfo,
 )
 
-__all__ = ["PostgresResource", "MissingConninfoError", "connect_kwargs", "read_conninfo"]
+__all__ = [
+    "APPLICATION_NAME",
+    "PINNED_SETTINGS",
+    "MissingConninfoError",
+    "PostgresResource",
+    "SessionSettingsError",
+    "connect_kwargs",
+    "read_conninfo",
+]
 
 
 def _configure(conn: psycopg.Connection) -> None:
@@ -55,11 +65,12 @@ class PostgresResource(ConfigurableResource):
     _pool: ConnectionPool | None = PrivateAttr(default=None)
 
     def setup_for_execution(self, context: InitResourceContext) -> None:
+        conninfo = read_conninfo(self.conninfo_env)
         self._pool = ConnectionPool(
-            read_conninfo(self.conninfo_env),
+            conninfo,
             min_size=min(self.pool_min, self.pool_max),
             max_size=self.pool_max,
-            kwargs=connect_kwargs(self.connect_timeout_s, self.statement_timeout_s),
+            kwargs=connect_kwargs(self.connect_timeout_s, self.statement_timeout_s, conninfo),
             configure=_configure,
             reset=_reset,
             check=ConnectionPool.check_connection,
@@ -93,7 +104,7 @@ class PostgresResource(ConfigurableResource):
     def diagnose(self) -> psycopg.OperationalError | None:
         """Why the pool could not connect, in the server's own words (a pool timeout hides
         it): one direct connection attempt, bounded by `connect_timeout_s`."""
+        conninfo = read_conninfo(self.conninfo_env)
         return diagnose_connect(
-            read_conninfo(self.conninfo_env),
-            **connect_kwargs(self.connect_timeout_s, self.statement_timeout_s),
+            conninfo, **connect_kwargs(self.connect_timeout_s, self.statement_timeout_s, conninfo)
         )

@@ -80,10 +80,11 @@ def build_cdc_sensor(
         if busy:
             return SkipReason(f"{busy}; waiting for it to finish")
         try:
+            conninfo = read_conninfo(pg.conninfo_env)
             with psycopg.connect(
-                read_conninfo(pg.conninfo_env),
+                conninfo,
                 autocommit=True,
-                **connect_kwargs(min(pg.connect_timeout_s, 10), 30),  # type: ignore[arg-type]
+                **connect_kwargs(min(pg.connect_timeout_s, 10), 30, conninfo),  # type: ignore[arg-type]
             ) as conn:
                 decision = poll(conn, slot, publication, heartbeat_bytes=heartbeat_bytes)
         except (psycopg.Error, RuntimeError) as e:

@@ -1,17 +1,28 @@
-"""The contract every Bronze sink keeps: stage, then publish by rename.
+"""The contract every Bronze sink keeps: stage, check, then publish by rename.
 
-A sink writes a new file under `_staging/`, which no reader looks at, and only
-when the whole stream is safely stored does `publish` rename it onto its final path in one
-server-side (or filesystem) operation that replaces the previous version. `discard` removes
-a staging file after a failure. The local filesystem and ADLS Gen2 both have an atomic
-rename, so the same protocol gives the same guarantee on both.
+A sink writes a new file under `_staging/`, which no reader looks at. `close` makes it
+durable and returns the size the store itself reports, and `publish` refuses to go on unless
+that is exactly the number of bytes the caller produced: a short write (a file size limit, a
+full disk, a network filesystem) can never be published as a good file. Only then is the
+staging file renamed onto its final path in one server-side (or filesystem) operation that
+replaces the previous version. `discard` removes a staging file after a failure. The local
+filesystem and ADLS Gen2 both have an atomic rename, so the same protocol gives the same
+guarantee on both.
+
+A request whose response is lost (the connection drops after the service applied it) is
+recognised by looking at what the store holds, not reported as a failure of something that
+succeeded: `publish` succeeds when the destination holds the staged bytes and the staging
+file is gone, `delete` when the path is gone. When a sink cannot tell either way it raises
+`PublishUncertain`, so a caller never mistakes "maybe" for "no".
 """
 
 import uuid
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 STAGING_DIR = "_staging"
+READ_CHUNK = 1 << 20
 
 
 def staging_relpath(run_id: str, relpath: str) -> str:
@@ -20,10 +31,17 @@ def staging_relpath(run_id: str, relpath: str) -> str:
     return f"{STAGING_DIR}/{run_id}-{uuid.uuid4().hex[:8]}-{relpath.rsplit('/', 1)[-1]}"
 
 
-@dataclass(frozen=True)
-class FileInfo:
-    size: int
-    etag: str | None = None
+class SinkError(RuntimeError):
+    """A sink operation failed; for `publish`, the destination was left as it was."""
+
+
+class SizeMismatch(SinkError):
+    """The staged file does not hold the bytes the caller produced; nothing was published."""
+
+
+class PublishUncertain(SinkError):
+    """A publish or delete failed in a way that left its outcome unknown (the request may have
+    been applied and the check of the store failed too); the caller must look at the store."""
 
 
 @dataclass(frozen=True)
@@ -33,43 +51,64 @@ class Published:
     etag: str | None = None
 
 
+@dataclass(frozen=True)
+class FileInfo:
+    """What the store reports for one file."""
+
+    size: int
+    etag: str | None = None  # ADLS only
+    content_md5: bytes | None = None  # ADLS: set by our flush; None locally
+
+
 class StagingFile(ABC):
     """A file being written; `write` receives blocks of the sink's block size."""
 
     relpath: str
 
     @abstractmethod
-    def write(self, block: bytes, /) -> None: ...
+    def write(self, block: bytes, /) -> None:
+        """Store every byte of `block` (after the bytes already written) or raise."""
 
     @abstractmethod
-    def close(self) -> None:
-        """Make everything written durable in staging (fsync / flush_data)."""
+    def close(self) -> int:
+        """Make everything written durable in staging (fsync / flush_data) and return the
+        size the store holds. Idempotent: a second call returns the same size."""
 
 
 class Sink(ABC):
     root_uri: str
 
     @abstractmethod
-    def open_staging(self, run_id: str, relpath: str, content_type: str) -> StagingFile: ...
+    def open_staging(self, run_id: str, relpath: str, content_type: str) -> StagingFile:
+        """A new staging file that will be published onto `relpath`."""
 
     @abstractmethod
     def publish(self, staging: StagingFile, relpath: str, *, expected_size: int) -> Published:
-        """Atomically move a closed staging file onto `relpath`, replacing what was there,
-        once its size is `expected_size`."""
-
-    @abstractmethod
-    def stat(self, relpath: str) -> FileInfo | None: ...
+        """Close `staging` if needed, check it holds exactly `expected_size` bytes (else raise
+        `SizeMismatch`, publishing nothing), then atomically move it onto `relpath`,
+        replacing what was there. Raises `SinkError` with the destination untouched, or
+        `PublishUncertain` when the outcome could not be established."""
 
     @abstractmethod
     def discard(self, staging: StagingFile) -> None:
-        """Delete a staging file after a failure; never raises for a missing file."""
+        """Delete a staging file after a failure; bounded, never raises."""
 
     @abstractmethod
     def delete(self, relpath: str) -> None:
         """Delete a published file; a missing file is not an error."""
 
     @abstractmethod
-    def read_bytes(self, relpath: str) -> bytes: ...
+    def stat(self, relpath: str) -> FileInfo | None:
+        """The file at `relpath` as the store reports it, or None if there is none."""
+
+    @abstractmethod
+    def read_bytes(self, relpath: str) -> bytes:
+        """The whole file, for small files (manifests); FileNotFoundError if missing."""
+
+    @abstractmethod
+    def open_read(self, relpath: str) -> Iterator[bytes]:
+        """The file as a stream of chunks, in bounded memory whatever its size. Opening is
+        eager: a missing file raises FileNotFoundError here, not at the first chunk."""
 
     @abstractmethod
     def list_files(self, prefix: str = "") -> list[str]:
@@ -85,5 +124,12 @@ class Sink(ABC):
             staging.write(data)
             return self.publish(staging, relpath, expected_size=len(data))
         except BaseException:
-            self.discard(staging)
+            self.discard(staging)  # touches only the staging path, whatever happened
             raise
+
+
+def size_mismatch(relpath: str, staging: str, staged: int, expected: int) -> SizeMismatch:
+    return SizeMismatch(
+        f"refusing to publish {relpath}: its staging file {staging} holds {staged:,} bytes "
+        f"but {expected:,} were written to it (a short write); nothing was published"
+    )

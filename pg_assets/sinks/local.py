@@ -2,28 +2,90 @@
 
 Durability follows the usual recipe for atomic replacement on POSIX: write the staging file,
 fsync it, `os.replace` it over the target, fsync the directory.
+
+Writes go straight to the file descriptor and loop until every byte is written: `write(2)`
+may store fewer bytes than asked (a file size limit, a signal, some network filesystems)
+and the next call then reports the error (EFBIG, ENOSPC). `close` returns the size the
+filesystem reports after fsync, and `publish` refuses a staging file whose size is not the
+number of bytes the caller produced.
 """
 
+import errno
 import os
+import stat
+import threading
+from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
-from pg_assets.sinks.base import FileInfo, Published, Sink, StagingFile, staging_relpath
+from pg_assets.sinks.base import (
+    READ_CHUNK,
+    STAGING_DIR,
+    FileInfo,
+    Published,
+    Sink,
+    SinkError,
+    StagingFile,
+    size_mismatch,
+    staging_relpath,
+)
+
+_LOCK_TIMEOUT_S = 30.0  # discard waits this long for a write in progress on another thread
 
 
 class LocalStagingFile(StagingFile):
     def __init__(self, path: Path, relpath: str) -> None:
         self.path = path
         self.relpath = relpath
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._f = open(path, "wb", buffering=0)  # blocks are already large  # noqa: SIM115
+        self.written = 0
+        self._size: int | None = None
+        # serialises write and close/discard: the writer runs in the stream's worker thread,
+        # and closing a descriptor under a concurrent write could let the number be reused
+        self._lock = threading.Lock()
+        for attempt in range(3):  # another publish may remove the empty staging dir meanwhile
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                self._fd: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+                break
+            except FileNotFoundError:
+                if attempt == 2:
+                    raise
 
     def write(self, block: bytes, /) -> None:
-        self._f.write(block)
+        with self._lock:
+            if self._fd is None:
+                raise SinkError(f"staging file {self.relpath} is already closed")
+            view = memoryview(block)
+            while view:
+                n = os.write(self._fd, view)
+                if n <= 0:  # not an error for write(2), but no progress either
+                    raise OSError(errno.EIO, f"write to {self.path} stored no bytes")
+                view = view[n:]
+                self.written += n
 
-    def close(self) -> None:
-        if not self._f.closed:
-            os.fsync(self._f.fileno())
-            self._f.close()
+    def close(self) -> int:
+        with self._lock:
+            if self._size is None:
+                if self._fd is None:
+                    raise SinkError(f"staging file {self.relpath} was discarded")
+                fd, self._fd = self._fd, None
+                try:
+                    os.fsync(fd)
+                    self._size = os.fstat(fd).st_size
+                finally:
+                    os.close(fd)
+            return self._size
+
+    def _abandon(self) -> None:
+        """Close without fsync (discard); never waits for a stuck write for long."""
+        if not self._lock.acquire(timeout=_LOCK_TIMEOUT_S):
+            return  # a write is stuck in the kernel: leak the descriptor rather than race it
+        try:
+            if self._fd is not None:
+                fd, self._fd = self._fd, None
+                os.close(fd)
+        finally:
+            self._lock.release()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -32,6 +94,26 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _makedirs_durable(path: Path) -> None:
+    """mkdir -p, fsyncing the parent of each directory created so the path survives a crash."""
+    missing = []
+    while not path.exists():
+        missing.append(path)
+        path = path.parent
+    for d in reversed(missing):
+        try:
+            d.mkdir()
+        except FileExistsError:
+            continue
+        _fsync_dir(d.parent)
+
+
+def _read_chunks(f: BinaryIO, chunk: int) -> Iterator[bytes]:
+    with f:
+        while data := f.read(chunk):
+            yield data
 
 
 class LocalSink(Sink):
@@ -45,40 +127,53 @@ class LocalSink(Sink):
             raise ValueError(f"path {relpath!r} escapes the Bronze root {self.root}")
         return path
 
+    def _remove_staging_dir(self) -> None:
+        """Remove `_staging` once it is empty; another writer's file keeps it (ENOTEMPTY)."""
+        try:
+            os.rmdir(self.root / STAGING_DIR)
+        except OSError:
+            pass
+
     def open_staging(self, run_id: str, relpath: str, content_type: str) -> LocalStagingFile:
         rel = staging_relpath(run_id, relpath)
         return LocalStagingFile(self._path(rel), rel)
 
     def publish(self, staging: StagingFile, relpath: str, *, expected_size: int) -> Published:
         assert isinstance(staging, LocalStagingFile)
-        staging.close()
-        size = staging.path.stat().st_size
-        if size != expected_size:
-            raise OSError(f"staged {relpath} holds {size} bytes, expected {expected_size}")
+        staged = staging.close()
+        if staged != expected_size:
+            raise size_mismatch(relpath, staging.relpath, staged, expected_size)
         target = self._path(relpath)
-        target.parent.mkdir(parents=True, exist_ok=True)
+        _makedirs_durable(target.parent)
         os.replace(staging.path, target)
         _fsync_dir(target.parent)
-        return Published(uri=self.uri(relpath), size=target.stat().st_size)
+        self._remove_staging_dir()
+        return Published(uri=self.uri(relpath), size=staged)
 
     def discard(self, staging: StagingFile) -> None:
         assert isinstance(staging, LocalStagingFile)
         try:
-            staging._f.close()
-        finally:
+            staging._abandon()
             staging.path.unlink(missing_ok=True)
-
-    def stat(self, relpath: str) -> FileInfo | None:
-        try:
-            return FileInfo(self._path(relpath).stat().st_size)
-        except FileNotFoundError:
-            return None
+        except OSError:
+            pass
+        self._remove_staging_dir()
 
     def delete(self, relpath: str) -> None:
         self._path(relpath).unlink(missing_ok=True)
 
+    def stat(self, relpath: str) -> FileInfo | None:
+        try:
+            st = self._path(relpath).stat()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        return FileInfo(size=st.st_size) if stat.S_ISREG(st.st_mode) else None
+
     def read_bytes(self, relpath: str) -> bytes:
         return self._path(relpath).read_bytes()
+
+    def open_read(self, relpath: str) -> Iterator[bytes]:
+        return _read_chunks(open(self._path(relpath), "rb"), READ_CHUNK)  # noqa: SIM115
 
     def list_files(self, prefix: str = "") -> list[str]:
         base = self._path(prefix) if prefix else self.root

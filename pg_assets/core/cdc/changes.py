@@ -48,6 +48,7 @@ from pg_assets.core.cdc.pgoutput import (
 )
 from pg_assets.core.compression import Compressor
 from pg_assets.core.copy_stream import BlockCutter, BlockWriter
+from pg_assets.core.identifiers import QualifiedName
 
 META_COLUMNS = ("_op", "_commit_lsn", "_lsn", "_xid", "_commit_time", "_seq")
 UNCHANGED_COLUMN = "_unchanged"
@@ -110,13 +111,6 @@ def change_columns(columns: Sequence[Column]) -> list[str]:
     return [*META_COLUMNS, *names, UNCHANGED_COLUMN, *keys]
 
 
-_PLAIN_IDENT = re.compile(r"[a-z_][a-z0-9_$]*")
-
-
-def _quote(name: str) -> str:
-    return name if _PLAIN_IDENT.fullmatch(name) else '"' + name.replace('"', '""') + '"'
-
-
 @dataclass(frozen=True)
 class TableKey:
     """A table as the change stream names it (schema '' would be pg_catalog; never ours)."""
@@ -129,9 +123,8 @@ class TableKey:
 
 
 def table_display(schema: str, name: str) -> str:
-    """`schema.table` quoted as PostgreSQL would for a human (keywords aside:
-    `QualifiedName.display` from the core identifiers module supersedes this once it lands)."""
-    return f"{_quote(schema)}.{_quote(name)}"
+    """`schema.table` quoted as PostgreSQL would for a human."""
+    return QualifiedName(schema, name).display
 
 
 @dataclass

@@ -42,17 +42,10 @@ from pg_assets.core.cdc.pgoutput import (
     decode,
 )
 from pg_assets.core.compression import Compressor
+from pg_assets.core.session import PINNED_SETTINGS
 
-# The contract's pinned session (CONTRACT.md); applied with SET LOCAL while decoding.
-PINNED_SETTINGS: dict[str, str] = {
-    "DateStyle": "ISO, MDY",
-    "TimeZone": "UTC",
-    "IntervalStyle": "postgres",
-    "extra_float_digits": "1",
-    "bytea_output": "hex",
-    "lc_monetary": "C",
-    "client_encoding": "UTF8",
-}
+__all__ = ["PINNED_SETTINGS", "Batch", "CdcError", "pin_session", "read_batch"]
+
 
 HEARTBEAT_PREFIX = "pg_assets"
 # Rows per round trip of the named cursor: client memory is bounded by itersize × the largest
@@ -107,7 +100,9 @@ class Batch:
 
 
 def pin_session(conn: psycopg.Connection) -> None:
-    """SET LOCAL the pinned settings (inside the caller's transaction)."""
+    """SET LOCAL the pinned settings (inside the caller's transaction): pg_assets' own
+    connections have them from the start (`session.connect_kwargs`), any other gets them here,
+    since the change files' values are rendered by the server in this session."""
     for name, value in PINNED_SETTINGS.items():
         conn.execute(
             sql.SQL("SELECT set_config({}, {}, true)").format(sql.Literal(name), sql.Literal(value))

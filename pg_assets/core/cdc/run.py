@@ -51,7 +51,7 @@ from pg_assets.core.cdc.snapshot import SnapshotRef, TableSnapshot, snapshot_pat
 from pg_assets.core.compression import Codec
 from pg_assets.core.identifiers import QualifiedName
 from pg_assets.core.layout import cdc_change_file
-from pg_assets.core.session import APPLICATION_NAME
+from pg_assets.core.session import APPLICATION_NAME, connect_kwargs
 from pg_assets.sinks.base import Published, Sink, StagingFile
 
 MAX_BATCHES_PER_RUN = 20
@@ -87,14 +87,10 @@ class CdcSource:
     max_batches: int = MAX_BATCHES_PER_RUN
 
     def connect(self, *, autocommit: bool = False) -> psycopg.Connection:
-        kwargs: dict[str, Any] = {
-            "application_name": APPLICATION_NAME,
-            "connect_timeout": max(1, int(self.connect_timeout_s)),
-            "autocommit": autocommit,
-        }
-        if self.statement_timeout_s:
-            kwargs["options"] = f"-c statement_timeout={int(self.statement_timeout_s * 1000)}"
-        return psycopg.connect(self.conninfo, **kwargs)
+        """A direct connection (not the pool's: CDC writes — slot advance, heartbeat — and the
+        pool's are read-only), with the session pinned like every pg_assets connection."""
+        kwargs = connect_kwargs(self.connect_timeout_s, self.statement_timeout_s, self.conninfo)
+        return psycopg.connect(self.conninfo, autocommit=autocommit, **kwargs)  # type: ignore[arg-type]
 
 
 @dataclass

@@ -32,6 +32,7 @@ from pg_assets.core.compression import Codec
 from pg_assets.core.copy_stream import CopyStats, stream_copy
 from pg_assets.core.identifiers import QualifiedName
 from pg_assets.core.layout import cdc_snapshot_file, cdc_snapshot_manifest
+from pg_assets.core.session import connect_kwargs as session_kwargs
 from pg_assets.sinks.base import Sink, StagingFile
 
 REPLAY_RULE = (
@@ -244,7 +245,8 @@ def take_snapshots(
         on_consistent_point(lsn)
         results = []
         with psycopg.connect(
-            conninfo, connect_timeout=max(1, int(connect_timeout_s)), **kwargs
+            conninfo,
+            **{**session_kwargs(connect_timeout_s, 0, conninfo), **kwargs},  # type: ignore[arg-type]
         ) as conn:
             conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
             conn.read_only = True

@@ -1,0 +1,255 @@
+"""Which days of a table are committed, found the only trustworthy way: through manifests.
+
+A day is committed when `date=YYYY-MM-DD/_manifest.json` exists; its data is the one file the
+manifest names (`file`), nothing else in the folder. A failed run can leave a data file with
+no manifest (or beside a manifest that names another file) until the next run of that day
+removes it, so a reader that globs data files can read rows that were never committed.
+"""
+
+import datetime as dt
+import hashlib
+import io
+import json
+import re
+import zlib
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pg_assets.core.identifiers import QualifiedName, parse_qualified_name
+from pg_assets.core.layout import MANIFEST, table_folder
+from pg_assets.sinks.base import Sink
+
+CHUNK = 1 << 20
+_DAY_MANIFEST = re.compile(r"date=(\d{4}-\d\d-\d\d)/" + re.escape(MANIFEST))
+
+
+class ReadError(RuntimeError):
+    """Bronze cannot be read as asked; the message names the table, the day and the file."""
+
+
+@dataclass(frozen=True)
+class CommittedDay:
+    """One committed day: its manifest and the relative path of the one data file it names."""
+
+    table: str  # the quoted display name, as in errors
+    day: dt.date
+    data: str  # relpath of the data file under the Bronze root
+    uri: str  # the data file's full URI (file:///… or abfss://…), for Spark or DuckDB
+    manifest: Mapping[str, Any]
+
+    @property
+    def columns(self) -> list[dict[str, str]]:
+        return list(self.manifest["columns"])
+
+    @property
+    def rows(self) -> int:
+        return int(self.manifest["rows"])
+
+    @property
+    def codec(self) -> str:
+        return str(self.manifest.get("codec", "gzip"))
+
+    @property
+    def where(self) -> str:
+        return f"table {self.table}, day {self.day.isoformat()}, file {self.data}"
+
+
+def open_root(root: str, adls: Mapping[str, Any] | None = None) -> Sink:
+    """The sink for a Bronze root: `abfss://…` (with `adls` = the `bronze.adls` settings:
+    auth, secret_env, endpoint, …) or a local path / file:// URI."""
+    if root.startswith("abfss://"):
+        from pg_assets.sinks.adls import AdlsSink
+
+        settings = dict(adls or {})
+        settings.pop("create_filesystem", None)  # a reader never creates anything
+        settings.pop("queue_depth", None)
+        return AdlsSink.from_uri(root, **settings)
+    from pg_assets.sinks.local import LocalSink
+
+    return LocalSink(root.removeprefix("file://"))
+
+
+def as_sink(bronze: str | Sink, adls: Mapping[str, Any] | None = None) -> Sink:
+    return bronze if isinstance(bronze, Sink) else open_root(bronze, adls)
+
+
+def as_table(table: str | QualifiedName) -> QualifiedName:
+    return table if isinstance(table, QualifiedName) else parse_qualified_name(table)
+
+
+def as_day(value: dt.date | str | None) -> dt.date | None:
+    if value is None or isinstance(value, dt.date):
+        return value
+    return dt.date.fromisoformat(value)
+
+
+def committed_days(
+    bronze: str | Sink,
+    source: str,
+    table: str | QualifiedName,
+    *,
+    start: dt.date | str | None = None,
+    end: dt.date | str | None = None,
+    verify: bool = False,
+    adls: Mapping[str, Any] | None = None,
+) -> list[CommittedDay]:
+    """Committed days of `table` in [start, end] (inclusive, ISO dates), oldest first.
+
+    `verify=True` also reads every data file and checks its size and sha256 against its
+    manifest (a full read of the range; the typed reader checks the row count on every read
+    anyway, and gzip/zstd check their own checksums).
+    """
+    sink = as_sink(bronze, adls)
+    name = as_table(table)
+    first, last = as_day(start), as_day(end)
+    folder = table_folder(source, name)
+    days = []
+    for rel in sink.list_files(folder):
+        m = _DAY_MANIFEST.fullmatch(rel.removeprefix(f"{folder}/"))
+        if not m:  # a data file (committed or not), or anything else: not a day
+            continue
+        day = dt.date.fromisoformat(m[1])
+        if (first and day < first) or (last and day > last):
+            continue
+        days.append(_committed(sink, name, day, rel))
+    days.sort(key=lambda d: d.day)
+    if verify:
+        for d in days:
+            verify_day(sink, d)
+    return days
+
+
+def _committed(sink: Sink, name: QualifiedName, day: dt.date, rel: str) -> CommittedDay:
+    where = f"table {name}, day {day.isoformat()}"
+    try:
+        manifest = json.loads(sink.read_bytes(rel))
+    except ValueError as e:
+        raise ReadError(f"{where}: manifest {rel} is not JSON: {e}") from None
+    file = manifest.get("file")
+    if file is None and manifest.get("uri"):  # layout v1 manifests name their file by URI
+        file = str(manifest["uri"]).rsplit("/", 1)[-1]
+    if not file or "/" in file or manifest.get("partition", day.isoformat()) != day.isoformat():
+        raise ReadError(f"{where}: manifest {rel} does not describe a data file of this day")
+    if "columns" not in manifest or "rows" not in manifest:
+        raise ReadError(f"{where}: manifest {rel} has no columns/rows")
+    data = f"{rel.rsplit('/', 1)[0]}/{file}"
+    return CommittedDay(str(name), day, data, sink.uri(data), manifest)
+
+
+def read_chunks(sink: Sink, relpath: str) -> Iterator[bytes]:
+    """The stored bytes of `relpath`, streamed in chunks where the sink can stream.
+
+    `Sink.open_read` streams on every sink that has it; until then a local root is read from
+    its file in chunks, and any other sink (ADLS) through `read_bytes`, which holds one
+    compressed data file in memory."""
+    open_read = getattr(sink, "open_read", None)
+    if open_read is not None:
+        yield from open_read(relpath)
+        return
+    root = getattr(sink, "root", None)
+    if isinstance(root, Path):
+        with open(root / relpath, "rb") as f:
+            while chunk := f.read(CHUNK):
+                yield chunk
+        return
+    yield sink.read_bytes(relpath)
+
+
+def verify_day(sink: Sink, day: CommittedDay) -> None:
+    digest, size = hashlib.sha256(), 0
+    for chunk in read_chunks(sink, day.data):
+        digest.update(chunk)
+        size += len(chunk)
+    check_digest(day, digest.hexdigest(), size)
+
+
+def check_digest(day: CommittedDay, sha256: str, size: int) -> None:
+    expected = (day.manifest.get("sha256"), day.manifest.get("compressed_bytes"))
+    if (sha256, size) != expected:
+        raise ReadError(
+            f"{day.where}: holds {size} bytes with sha256 {sha256}, but its manifest says "
+            f"{expected[1]} bytes with sha256 {expected[0]}"
+        )
+
+
+class DecompressedStream(io.RawIOBase):
+    """A file object over a data file's decompressed bytes, pulled chunk by chunk from the
+    store: what `pyarrow.csv.open_csv` reads, so a day is never whole in memory. It hashes
+    the compressed bytes as they pass, for `verify`."""
+
+    def __init__(self, chunks: Iterable[bytes], codec: str, where: str) -> None:
+        self._chunks = iter(chunks)
+        self._codec = codec
+        self._where = where
+        self._d = self._decompressor()
+        self._pending = b""  # compressed input not yet decompressed
+        self._out = memoryview(b"")
+        self._done = False
+        self.sha256 = hashlib.sha256()
+        self.size = 0
+
+    def _decompressor(self) -> Any:
+        if self._codec == "gzip":
+            return zlib.decompressobj(47)
+        if self._codec == "zstd":
+            import zstandard
+
+            return zstandard.ZstdDecompressor().decompressobj()
+        if self._codec == "none":
+            return None
+        raise ReadError(f"{self._where}: unknown codec {self._codec!r}")
+
+    def readable(self) -> bool:
+        return True
+
+    def _fill(self) -> bytes:
+        """The next piece of decompressed data; b"" at the end of the file."""
+        while True:
+            if not self._pending:
+                chunk = next(self._chunks, None)
+                if chunk is None:
+                    if self._d is not None and not self._ended():
+                        raise ReadError(f"{self._where}: the compressed file is truncated")
+                    return b""
+                self.sha256.update(chunk)
+                self.size += len(chunk)
+                if self._d is None:
+                    return chunk
+                self._pending = chunk
+            if self._ended():  # a new member/frame follows the one that ended
+                self._d = self._decompressor()
+            if self._codec == "gzip":
+                out = self._d.decompress(self._pending, CHUNK)
+                self._pending = self._d.unconsumed_tail or (
+                    self._d.unused_data if self._d.eof else b""
+                )
+            else:
+                out = self._d.decompress(self._pending)
+                self._pending = self._d.unused_data if self._d.eof else b""
+            if out:
+                return out
+
+    def _ended(self) -> bool:
+        return bool(self._d.eof)
+
+    def readinto(self, buffer: Any) -> int:
+        while not self._out:
+            try:
+                piece = self._fill()
+            except (zlib.error, ValueError) as e:
+                if isinstance(e, ReadError):
+                    raise
+                raise ReadError(f"{self._where}: the compressed file is corrupt: {e}") from e
+            except Exception as e:
+                if type(e).__name__ == "ZstdError":
+                    raise ReadError(f"{self._where}: the compressed file is corrupt: {e}") from e
+                raise
+            if not piece:
+                return 0
+            self._out = memoryview(piece)
+        n = min(len(buffer), len(self._out))
+        buffer[:n] = self._out[:n]
+        self._out = self._out[n:]
+        return n

@@ -1,0 +1,333 @@
+"""The late-data sensor: finds closed days whose rows changed after they were extracted.
+
+Once per interval (stopped by default; `checks.sensor_interval_s`), for one table:
+
+1. reads the manifest of every closed day of the window (`checks.window_days` days ending
+   yesterday, in the table's time zone), a few at a time;
+2. re-counts all of them in PostgreSQL with one grouped query on the parent
+   (`pg_assets.core.verify.recount_window`): the bounds prune to the window's partitions;
+   with `checks.content_hash`, it hashes every row too, and so also sees updates that keep
+   the count;
+3. for each day whose count (or hash) differs from its manifest: records a failed
+   `matches_source` for that day, with the count in Bronze and the count now, and, with
+   `checks.late_data: rematerialize` (the default), requests runs for exactly those days:
+   contiguous days batched into ranged runs of at most the asset's
+   `BackfillPolicy.max_partitions_per_run` days (one day per run without a policy).
+
+The cursor remembers which state of which day was already reported (the manifest's sha256
+and the source's count and hash), so a day is reported and re-requested once per change, not
+once per tick. Days without a manifest are not late data (they were never extracted) and are
+left to the schedule and backfills.
+
+Why the parent: PostgreSQL routes every row to the one partition whose bounds hold it, and
+refuses a row in DEFAULT whose key belongs to another partition (and refuses to create a
+partition for a day DEFAULT has rows of), so counting the parent with the day's bounds counts
+exactly what the day's plan would COPY, whichever child or DEFAULT holds the rows.
+"""
+
+import datetime as dt
+import hashlib
+import json
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from dagster import (
+    AssetCheckEvaluation,
+    AssetsDefinition,
+    AssetSelection,
+    DefaultSensorStatus,
+    MetadataValue,
+    RunRequest,
+    SensorDefinition,
+    SensorEvaluationContext,
+    SensorResult,
+    SkipReason,
+    sensor,
+)
+from dagster._core.storage.tags import (
+    ASSET_PARTITION_RANGE_END_TAG,
+    ASSET_PARTITION_RANGE_START_TAG,
+)
+from psycopg import errors as pg_errors
+
+from pg_assets.catalog import ResolvedTable
+from pg_assets.checks import MATCHES_SOURCE, DayChecks, day_checks_for, evaluation
+from pg_assets.config import ProjectConfig
+from pg_assets.core.extract import read_manifest
+from pg_assets.core.layout import daily_paths
+from pg_assets.core.planner import TableInfo, describe_table
+from pg_assets.core.verify import DayCount, recount_window
+from pg_assets.resources.bronze import BronzeResource
+from pg_assets.resources.postgres import PostgresResource
+from pg_assets.sinks.base import Sink
+
+# Dagster gives a sensor tick 60 s by default (DAGSTER_SENSOR_GRPC_TIMEOUT_SECONDS); the
+# recount must end well before that. Hashing every row costs ~10x a count(*), so the hashed
+# recount gets part of the budget and, when it runs out, the tick falls back to counting.
+COUNT_TIMEOUT_S = 30
+HASH_TIMEOUT_S = 15
+MANIFEST_READERS = 8  # manifests read at once (ADLS: one round trip each)
+MANIFEST_TIMEOUT_S = 40
+
+
+def closed_window(
+    today: dt.date, start: dt.date, window_days: int
+) -> tuple[dt.date, dt.date] | None:
+    """[first, last] of the window: `window_days` days ending yesterday, none before start."""
+    last = today - dt.timedelta(days=1)
+    first = max(start, last - dt.timedelta(days=window_days - 1))
+    return (first, last) if first <= last else None
+
+
+def day_ranges(days: Sequence[dt.date], max_per_run: int | None) -> list[tuple[dt.date, dt.date]]:
+    """Contiguous days as [first, last] ranges of at most `max_per_run` days (None: any)."""
+    out: list[tuple[dt.date, dt.date]] = []
+    for day in sorted(set(days)):
+        if out:
+            lo, hi = out[-1]
+            size = (hi - lo).days + 1
+            if day == hi + dt.timedelta(days=1) and (max_per_run is None or size < max_per_run):
+                out[-1] = (lo, day)
+                continue
+        out.append((day, day))
+    return out
+
+
+@dataclass(frozen=True)
+class Change:
+    day: dt.date
+    manifest: dict[str, Any]
+    source: DayCount
+    hash_compared: bool
+
+    @property
+    def bronze_rows(self) -> int:
+        return int(self.manifest["rows"])
+
+    @property
+    def state(self) -> str:
+        """What was reported: this manifest against this source state."""
+        return f"{self.manifest.get('sha256')}:{self.source.rows}:{self.source.content_hash}"
+
+
+def read_manifests(
+    sink: Sink, checks: DayChecks, first: dt.date, last: dt.date
+) -> dict[dt.date, dict[str, Any]]:
+    days = [first + dt.timedelta(days=n) for n in range((last - first).days + 1)]
+
+    def one(day: dt.date) -> dict[str, Any] | None:
+        return read_manifest(sink, daily_paths(checks.source, checks.table.name, day).manifest)
+
+    pool = ThreadPoolExecutor(MANIFEST_READERS, thread_name_prefix="pg_assets-manifest")
+    try:
+        found = list(pool.map(one, days, timeout=MANIFEST_TIMEOUT_S))
+    finally:  # on a timeout, do not wait for stragglers (each is bounded by the sink's timeout)
+        pool.shutdown(wait=False, cancel_futures=True)
+    return {d: m for d, m in zip(days, found, strict=True) if m is not None}
+
+
+@dataclass(frozen=True)
+class Recount:
+    changes: list[Change]
+    counts: dict[dt.date, DayCount]
+    hashed: bool  # the content hash was compared (else counts only)
+    note: str = ""
+
+
+def _recount(conn: Any, info: TableInfo, timezone: str, first: dt.date, last: dt.date,
+             names: list[str] | None, timeout_s: float) -> dict[dt.date, DayCount]:  # fmt: skip
+    with conn.transaction():
+        conn.execute(
+            "SELECT set_config('statement_timeout', %s, true)", (f"{int(timeout_s * 1000)}ms",)
+        )
+        return recount_window(conn, info, timezone, first, last, names)
+
+
+def find_changes(
+    conn: Any,
+    checks: DayChecks,
+    manifests: dict[dt.date, dict[str, Any]],
+    first: dt.date,
+    last: dt.date,
+    *,
+    count_timeout_s: float = COUNT_TIMEOUT_S,
+    hash_timeout_s: float = HASH_TIMEOUT_S,
+) -> Recount:
+    """Re-count [first, last] in one grouped query and compare each day with its manifest.
+
+    With `checks.content_hash`, the query also hashes every row; if that does not finish within
+    `hash_timeout_s`, the days are re-counted without the hash (and the result says so)."""
+    table = checks.table
+    with conn.transaction():
+        info = describe_table(conn, table.name, table.column)
+    names = [c.name for c in info.columns]
+    hashed, note = bool(checks.config.content_hash), ""
+    counts: dict[dt.date, DayCount] | None = None
+    if hashed:
+        try:
+            counts = _recount(conn, info, table.timezone, first, last, names, hash_timeout_s)
+        except pg_errors.QueryCanceled:
+            hashed = False
+            note = (
+                f"content hash of {first}..{last} not compared: hashing every row took longer "
+                f"than {hash_timeout_s:g} s (counted only; shorten checks.window_days)"
+            )
+    if counts is None:
+        counts = _recount(conn, info, table.timezone, first, last, None, count_timeout_s)
+    changes = []
+    for day, manifest in sorted(manifests.items()):
+        now = counts.get(day, DayCount(0, "0" if hashed else None))
+        recorded = manifest.get("content_hash")
+        comparable = (
+            hashed
+            and isinstance(recorded, dict)
+            and [c["name"] for c in manifest.get("columns", [])] == names
+        )
+        differs = now.rows != int(manifest["rows"]) or (
+            comparable and str(recorded["value"]) != now.content_hash  # type: ignore[index]
+        )
+        if differs:
+            changes.append(Change(day, manifest, now, bool(comparable)))
+    return Recount(changes, counts, hashed, note)
+
+
+def _evaluation(
+    checks: DayChecks, change: Change, action: str, sensor_name: str, instance: Any
+) -> AssetCheckEvaluation:
+    m = change.manifest
+    where = checks.where(change.day)
+    if change.source.rows != change.bronze_rows:
+        text = (
+            f"{where}: late data: PostgreSQL now has {change.source.rows:,} rows, Bronze has "
+            f"{change.bronze_rows:,} (extracted {m.get('extracted_at')}); {action}"
+        )
+    else:
+        text = (
+            f"{where}: late data: same {change.source.rows:,} rows but different content "
+            f"(rows updated since the extraction at {m.get('extracted_at')}); {action}"
+        )
+    meta: dict[str, Any] = {
+        "bronze_rows": MetadataValue.int(change.bronze_rows),
+        "source_rows": MetadataValue.int(change.source.rows),
+        "difference": MetadataValue.int(change.source.rows - change.bronze_rows),
+        "extracted_at": MetadataValue.text(str(m.get("extracted_at"))),
+        "bronze_file": MetadataValue.text(str(m.get("file"))),
+        "bronze_sha256": MetadataValue.text(str(m.get("sha256"))),
+        "detected_by": MetadataValue.text(f"sensor {sensor_name}"),
+        "action": MetadataValue.text(action),
+        "content_hash_compared": MetadataValue.bool(change.hash_compared),
+    }
+    if change.hash_compared:
+        meta["bronze_content_hash"] = MetadataValue.text(str(m["content_hash"]["value"]))
+        meta["source_content_hash"] = MetadataValue.text(str(change.source.content_hash))
+    return evaluation(
+        checks, MATCHES_SOURCE, change.day.isoformat(), False, text, meta, instance=instance
+    )
+
+
+def _max_per_run(asset_def: AssetsDefinition) -> int | None:
+    policy = asset_def.backfill_policy
+    if policy is None:
+        return 1  # the asset runs one partition per run
+    return policy.max_partitions_per_run  # None: single_run, any number of days in one run
+
+
+def build_late_data_sensor(
+    project: ProjectConfig, resolved: ResolvedTable, asset_def: AssetsDefinition
+) -> SensorDefinition:
+    table = resolved.config
+    checks = day_checks_for(project, table, asset_def.key)
+    cfg = checks.config
+    name = f"{asset_def.op.name}__late_data"
+    key = asset_def.key
+    max_per_run = _max_per_run(asset_def)
+
+    @sensor(
+        name=name,
+        asset_selection=AssetSelection.assets(key),
+        minimum_interval_seconds=cfg.sensor_interval_s,
+        default_status=DefaultSensorStatus.STOPPED,
+        description=(
+            f"Re-counts the last {cfg.window_days} closed days of {table.name} in PostgreSQL in "
+            "one grouped query and compares them with their Bronze manifests; a day that "
+            "changed fails its matches_source check"
+            + (" and is re-materialized." if cfg.late_data == "rematerialize" else ".")
+        ),
+    )
+    def _late_data(
+        context: SensorEvaluationContext, postgres: PostgresResource, bronze: BronzeResource
+    ) -> SensorResult | SkipReason:
+        started = time.perf_counter()
+        today = dt.datetime.now(ZoneInfo(table.timezone)).date()
+        window = closed_window(today, resolved.start, cfg.window_days)
+        if window is None:
+            return SkipReason(f"table {table.name}: no closed day since {resolved.start}")
+        first, last = window
+        where = f"table {table.name}, days {first}..{last}"
+        try:
+            sink = bronze.get_sink()
+            manifests = read_manifests(sink, checks, first, last)
+        except Exception as e:
+            raise RuntimeError(f"{where}: reading the manifests from Bronze failed: {e}") from e
+        read_s = time.perf_counter() - started
+        try:
+            with postgres.connection() as conn:
+                recount = find_changes(conn, checks, manifests, first, last)
+        except Exception as e:
+            raise RuntimeError(f"{where}: re-counting the days in PostgreSQL failed: {e}") from e
+        changes = recount.changes
+        if recount.note:
+            context.log.warning(f"{where}: {recount.note}")
+        took = time.perf_counter() - started
+        summary = (
+            f"{where}: {len(manifests)} day(s) in Bronze, "
+            f"{len(changes)} changed (manifests {read_s:.2f} s, total {took:.2f} s)"
+        )
+        context.log.info(summary)
+        cursor = json.loads(context.cursor) if context.cursor else {}
+        reported: dict[str, str] = {
+            d: s for d, s in cursor.get("reported", {}).items() if d >= first.isoformat()
+        }
+        new = [c for c in changes if reported.get(c.day.isoformat()) != c.state]
+        for c in changes:
+            reported[c.day.isoformat()] = c.state
+        next_cursor = json.dumps({"reported": reported}, sort_keys=True)
+        if not new:
+            return SensorResult(skip_reason=SkipReason(summary), cursor=next_cursor)
+        run_requests = []
+        actions: dict[dt.date, str] = {}
+        if cfg.late_data == "rematerialize":
+            for lo, hi in day_ranges([c.day for c in new], max_per_run):
+                states = "|".join(c.state for c in new if lo <= c.day <= hi)
+                digest = hashlib.sha256(states.encode()).hexdigest()[:16]
+                tags = {"pg_assets/trigger": "late_data"}
+                span = lo.isoformat() if lo == hi else f"{lo}...{hi}"
+                if lo == hi:
+                    rr = RunRequest(run_key=f"late_data:{span}:{digest}", asset_selection=[key],
+                                    partition_key=lo.isoformat(), tags=tags)  # fmt: skip
+                else:
+                    tags |= {ASSET_PARTITION_RANGE_START_TAG: lo.isoformat(),
+                             ASSET_PARTITION_RANGE_END_TAG: hi.isoformat()}  # fmt: skip
+                    rr = RunRequest(run_key=f"late_data:{span}:{digest}", asset_selection=[key],
+                                    tags=tags)  # fmt: skip
+                run_requests.append(rr)
+                for c in new:
+                    if lo <= c.day <= hi:
+                        actions[c.day] = f"re-materialization of {span} requested"
+        events = [
+            _evaluation(
+                checks,
+                c,
+                actions.get(c.day, "late_data: warn, no run requested"),
+                name,
+                context.instance,
+            )  # fmt: skip
+            for c in new
+        ]
+        return SensorResult(run_requests=run_requests, asset_events=events, cursor=next_cursor)
+
+    return _late_data
