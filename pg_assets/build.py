@@ -2,6 +2,7 @@
 
 from dagster import Definitions
 
+from pg_assets.assets.cdc import build_cdc
 from pg_assets.assets.daily import asset_key, build_daily_asset
 from pg_assets.assets.incremental import build_incremental
 from pg_assets.assets.silver_demo import demo_silver_assets
@@ -40,10 +41,12 @@ def build_definitions(config: ProjectConfig) -> Definitions:
     assets = [build_daily_asset(config, r) for r in resolved]
     checks, sensors = build_checks(config, resolved, assets)
     incremental_assets, incremental_sensors = build_incremental(config)
+    cdc = build_cdc(config)  # empty without `mode: cdc` tables
     return Definitions(
-        assets=[*assets, *demo_silver_assets(config, assets), *incremental_assets],
+        assets=[*assets, *demo_silver_assets(config, assets), *incremental_assets, *cdc.assets],
         asset_checks=checks,
         schedules=[build_daily_schedule(a) for a in assets],
-        sensors=[*sensors, *incremental_sensors],
+        jobs=cdc.jobs,
+        sensors=[*sensors, *incremental_sensors, *cdc.sensors],
         resources=build_resources(config),
     )

@@ -100,6 +100,8 @@ def test_ui_lists_one_partitioned_asset_per_demo_table(webserver):
         " dependencyKeys { path } } }",
     )
     nodes = {"/".join(n["assetKey"]["path"]): n for n in data["assetNodes"]}
+    cdc = nodes.pop("demo/public/inventory/cdc")  # the demo's CDC table: not partitioned
+    assert not cdc["isPartitioned"] and cdc["groupName"] == "demo"
     silver = nodes.pop("demo/silver/daily_order_totals")  # the downstream example (Silver)
     assert silver["dependencyKeys"] == [{"path": ["demo", "public", "orders"]}]
     assert silver["isPartitioned"] and DAY in silver["partitionKeys"]

@@ -5,6 +5,7 @@
     pg-assets up | stop                    start / stop the embedded PostgreSQL
     pg-assets check                        validate the config against the live catalog
     pg-assets writer                       keep writing to the demo's incremental table
+    pg-assets cdc setup|drop|status        change data capture (see the README)
 
 Commands run from the project folder: state lives in ./.pg_assets, the Dagster instance is
 ./dagster.yaml. With PG_ASSETS_CONNINFO already set, the embedded server is not used.
@@ -38,7 +39,11 @@ def _up(reload: bool = False) -> str:
 
     server = start(_home())
     with psycopg.connect(server.conninfo, autocommit=True) as conn:
-        loaded = conn.execute("SELECT to_regclass('public.customers') IS NOT NULL").fetchone()
+        loaded = conn.execute(
+            "SELECT to_regclass('public.customers') IS NOT NULL"
+            " AND to_regclass('public.inventory') IS NOT NULL"
+            " AND to_regclass('public.payments') IS NOT NULL"
+        ).fetchone()
         if reload or not (loaded and loaded[0]):
             print(f"loading demo tables ({DEMO_DAYS} days up to {DEMO_END}) ...", flush=True)
             with conn.transaction():
@@ -98,6 +103,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from pg_assets.dev.writer import demo_batches
 
     failed += demo_batches(config, defs, instance)
+    from pg_assets.dev.cdc_cli import demo_cdc
+
+    failed += demo_cdc(config, defs, instance)
     print(f"\nBronze: {config.bronze.root}\nOpen the UI with: .venv/bin/pg-assets dev")
     return 1 if failed else 0
 
@@ -141,6 +149,15 @@ def cmd_check(args: argparse.Namespace) -> int:
 
         for line in check_incremental(config):
             print(line)
+        from pg_assets.dev.cdc_cli import check_lines
+
+        problems = check_lines(config)
+        for t in config.tables_of("cdc"):
+            print(f"{t.table}: cdc, {'NOT READY' if problems else 'ready'}")
+        for line in problems:
+            print(f"error: {line}", file=sys.stderr)
+        if problems:
+            return 2
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -182,6 +199,9 @@ def main(argv: list[str] | None = None) -> int:
         if name == "dev":
             p.add_argument("--host", default="127.0.0.1")
             p.add_argument("--port", type=int, default=3000)
+    from pg_assets.dev.cdc_cli import add_parser
+
+    add_parser(sub)
     args = parser.parse_args(argv)
     return args.fn(args)
 
