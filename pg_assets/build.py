@@ -6,7 +6,9 @@ loads in the webserver, the daemon and every run process, with or without the da
 
 from dagster import Definitions, in_process_executor
 
+from pg_assets.assets.cdc import build_cdc
 from pg_assets.assets.daily import asset_key, build_daily_asset
+from pg_assets.assets.incremental import build_incremental
 from pg_assets.assets.silver_demo import demo_silver_assets
 from pg_assets.catalog import resolve_tables
 from pg_assets.checks import build_checks
@@ -42,11 +44,14 @@ def build_definitions(config: ProjectConfig) -> Definitions:
         keys[k] = r.config.table
     assets = [build_daily_asset(config, r) for r in resolved]
     checks, sensors = build_checks(config, resolved, assets)
+    incremental_assets, incremental_sensors = build_incremental(config)
+    cdc = build_cdc(config)  # empty without `mode: cdc` tables
     return Definitions(
-        assets=[*assets, *demo_silver_assets(config, assets)],
+        assets=[*assets, *demo_silver_assets(config, assets), *incremental_assets, *cdc.assets],
         asset_checks=checks,
         schedules=[build_daily_schedule(a) for a in assets],
-        sensors=sensors,
+        jobs=cdc.jobs,
+        sensors=[*sensors, *incremental_sensors, *cdc.sensors],
         resources=build_resources(config),
         # A run here is one table's days (and their checks): the multiprocess default would
         # start a process per step, each loading the code location again, for nothing.

@@ -212,7 +212,14 @@ class TableConfig(_Strict):
         required = {"daily": ("partition_column",), "incremental": ("cursor", "key"), "cdc": ()}
         allowed = {
             "daily": {"partition_column", "start", "timezone", "checks"},
-            "incremental": {"cursor", "key", "lookback", "batch_max_rows", "poll_interval_s"},
+            "incremental": {
+                "cursor",
+                "key",
+                "lookback",
+                "batch_max_rows",
+                "poll_interval_s",
+                "timezone",  # the writers' TimeZone, for timestamp and date cursors
+            },
             "cdc": {"key"},
         }
         for k in required[self.mode]:

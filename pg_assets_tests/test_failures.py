@@ -3,6 +3,7 @@ version stays published, nothing is left in staging, and a retry succeeds."""
 
 import datetime as dt
 import gzip
+import socket
 import threading
 import time
 
@@ -94,8 +95,7 @@ def test_lost_connection_is_retried_within_the_run(big, project, pg_conninfo):
     assert LocalSink(p.config.bronze.root).list_files("_staging") == []
 
 
-def test_missing_conninfo_env_is_named_without_leaking(big, project, monkeypatch):
-    monkeypatch.setenv("PG_ASSETS_SECRET_DSN", "host=127.0.0.1 password=hunter2")
+def test_missing_conninfo_env_is_named(big, project):
     p = project(
         [{"table": "fail.big", "partition_column": "order_date", "start": "2026-10-01"}],
         postgres={"conninfo_env": "PG_ASSETS_UNSET_DSN"},
@@ -103,4 +103,25 @@ def test_missing_conninfo_env_is_named_without_leaking(big, project, monkeypatch
     result = p.materialize(DAY.isoformat())
     assert not result.success
     text = str([e.event_specific_data for e in result.all_events])
-    assert "PG_ASSETS_UNSET_DSN" in text and "hunter2" not in text
+    assert "PG_ASSETS_UNSET_DSN" in text and "is not set" in text
+
+
+def test_the_connection_password_never_leaks(big, project, monkeypatch):
+    """The conninfo the config names holds a password; the database is unreachable: the
+    failure, the logs and the metadata say why, never the password."""
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv(
+        "PG_ASSETS_SECRET_DSN",
+        f"host=127.0.0.1 port={port} dbname=shop user=reader password=hunter2-secret",
+    )
+    p = project(
+        [{"table": "fail.big", "partition_column": "order_date", "start": "2026-10-01"}],
+        postgres={"conninfo_env": "PG_ASSETS_SECRET_DSN", "connect_timeout_s": 1},
+    )
+    result = p.materialize(DAY.isoformat())
+    assert not result.success
+    text = "\n".join(f"{e.message} {e.event_specific_data}" for e in result.all_events)
+    assert "table fail.big, partition 2026-10-01" in text and "Connection refused" in text
+    assert "hunter2-secret" not in text

@@ -298,3 +298,36 @@ def test_tables_differing_only_in_case_are_rejected(tmp_path):
                 {"table": "public.orders", "partition_column": "d"},
             ],
         )
+
+
+def test_sql_in_quoted_names_is_data_not_code(project, db):
+    """A table and a column whose quoted names hold SQL are extracted like any other (the
+    names reach COPY as identifiers), nothing else is touched, and every message, metadata
+    value and manifest prints them quoted as PostgreSQL would."""
+    table = 'public."flights; DROP TABLE public.victim_2; --"'
+    column = '"d) OR (1=1; DROP TABLE public.victim_2"'
+    t = sql.Identifier("public", "flights; DROP TABLE public.victim_2; --")
+    c = sql.Identifier(name_of(column))
+    db.execute("DROP TABLE IF EXISTS public.victim_2")
+    db.execute("CREATE TABLE public.victim_2 (x int)")
+    db.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(t))
+    db.execute(sql.SQL("CREATE TABLE {} (id int, {} date)").format(t, c))
+    db.execute(
+        sql.SQL("INSERT INTO {} SELECT g, %s FROM generate_series(1, 5) g").format(t), (DAY,)
+    )
+    p = project([{"table": table, "partition_column": column, "start": "2026-10-01"}])
+    result = p.materialize(DAY.isoformat())
+    assert result.success
+    name = p.config.tables[0].name
+    data, manifest = p.read_day(name, DAY)
+    expected = postgres_copy(db, day_query(name.identifier, name_of(column), DAY))
+    assert gzip.decompress(data) == expected and manifest["rows"] == 5
+    assert db.execute("SELECT to_regclass('public.victim_2')").fetchone()[0] is not None
+    assert manifest["table"] == table == str(name)
+    assert p.metadata(result)["source_relation"] == table
+    db.execute(sql.SQL("DROP TABLE {}").format(t))
+    db.execute("DROP TABLE public.victim_2")
+
+
+def name_of(quoted: str) -> str:
+    return quoted[1:-1].replace('""', '"')

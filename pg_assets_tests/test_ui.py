@@ -97,13 +97,16 @@ def test_ui_lists_one_partitioned_asset_per_demo_table(webserver):
         " dependencyKeys { path } } }",
     )
     nodes = {"/".join(n["assetKey"]["path"]): n for n in data["assetNodes"]}
+    cdc = nodes.pop("demo/public/inventory/cdc")  # the demo's CDC table: not partitioned
+    assert not cdc["isPartitioned"] and cdc["groupName"] == "demo"
     silver = nodes.pop("demo/silver/daily_order_totals")  # the downstream example (Silver)
     assert silver["dependencyKeys"] == [{"path": ["demo", "public", "orders"]}]
     assert silver["isPartitioned"] and DAY in silver["partitionKeys"]
-    assert set(nodes) == {f"demo/public/{t}" for t in TABLES}
-    for node in nodes.values():
-        assert node["isPartitioned"] and node["groupName"] == "demo"
-        assert DAY in node["partitionKeys"]
+    daily = {f"demo/public/{t}" for t in TABLES}
+    assert set(nodes) == daily | {"demo/public/payments"}  # payments: incremental
+    for key in daily:
+        assert nodes[key]["isPartitioned"] and nodes[key]["groupName"] == "demo"
+        assert DAY in nodes[key]["partitionKeys"]
 
 
 METADATA = """

@@ -101,6 +101,25 @@ def classified(
     return error, kind
 
 
+def _failure_or_retry(
+    context: AssetExecutionContext,
+    error: Exception,
+    where: str,
+    retries: int,
+    postgres: PostgresResource,
+) -> Exception:
+    """For one unit of work (an incremental batch, a CDC run): retry only what a retry can
+    fix (see `pg_assets.core.errors`); say which it was."""
+    error, kind = classified(error, postgres)  # type: ignore[assignment]
+    message = str(error) if isinstance(error, ExtractionError) else f"{where}: {error}"
+    if kind.retryable and retries and context.retry_number < retries:
+        wait = min(30, 2**context.retry_number)  # 1 s, 2 s, 4 s … capped at 30 s
+        context.log.warning(f"{message} [{kind.kind}; retry in {wait} s]")
+        return RetryRequested(max_retries=retries, seconds_to_wait=wait)
+    suffix = " (not retried)" if not kind.retryable else f" (after {context.retry_number} retries)"
+    return Failure(f"{message} [{kind.kind}{suffix}]")
+
+
 @dataclass(frozen=True)
 class DayJob:
     """Everything one day's extraction needs besides the day: the same for every day of a run."""

@@ -61,37 +61,79 @@ class CopyStats:
         return self.raw_bytes / 1e6 / self.seconds if self.seconds else 0.0
 
 
-class _Compressing:
-    """Consumes raw chunks, emits compressed blocks of exactly `block_size` (last one shorter)."""
+class BlockCutter:
+    """Raw chunks → compressor → blocks of exactly `block_size` bytes (the last one shorter),
+    with the sizes and sha256 a manifest records. Shared by the COPY pipeline (in its worker
+    thread) and the CDC change files (synchronously: decoding holds the GIL anyway), so every
+    Bronze file is cut and hashed the same way."""
 
     def __init__(self, compressor: Compressor, writer: BlockWriter, block_size: int) -> None:
-        self.compressed_bytes = 0
         self._compressor = compressor
         self._writer = writer
         self._block_size = block_size
         self._pending = bytearray()
         self._sha = hashlib.sha256()
+        self.raw_bytes = 0
+        self.compressed_bytes = 0
+
+    def write(self, chunk: bytes | bytearray, /) -> None:
+        self.raw_bytes += len(chunk)
+        self._emit(self._compressor.compress(chunk), final=False)
+
+    def close(self) -> None:
+        """Flush the compressor and write the last (short) block."""
+        self._emit(self._compressor.flush(), final=True)
 
     @property
     def sha256(self) -> str:
         return self._sha.hexdigest()
 
-    def _emit(self, handoff: Handoff, data: bytes, final: bool = False) -> None:
+    def _emit(self, data: bytes, final: bool) -> None:
         self._pending += data
         while len(self._pending) >= self._block_size or (final and self._pending):
-            handoff.raise_if_aborted()  # the producer gave up: stop writing
             block = bytes(self._pending[: self._block_size])
             del self._pending[: self._block_size]
             self._sha.update(block)
             self.compressed_bytes += len(block)
             self._writer.write(block)
-            handoff.touch()
+
+
+class _Watched:
+    """The writer as the worker thread sees it: no block is written once the producer gave
+    up, and each written block counts as progress for the stall watch."""
+
+    def __init__(self, writer: BlockWriter, handoff: Handoff) -> None:
+        self._writer, self._handoff = writer, handoff
+
+    def write(self, block: bytes, /) -> None:
+        self._handoff.raise_if_aborted()  # the producer gave up: stop writing
+        self._writer.write(block)
+        self._handoff.touch()
+
+
+class _Compressing:
+    """Consumes raw chunks, emits compressed blocks of exactly `block_size` (last one shorter)."""
+
+    def __init__(self, compressor: Compressor, writer: BlockWriter, block_size: int) -> None:
+        self._compressor, self._writer, self._block_size = compressor, writer, block_size
+        self.cutter: BlockCutter | None = None
+
+    @property
+    def compressed_bytes(self) -> int:
+        return self.cutter.compressed_bytes if self.cutter else 0
+
+    @property
+    def sha256(self) -> str:
+        return self.cutter.sha256 if self.cutter else hashlib.sha256().hexdigest()
 
     def run(self, handoff: Handoff) -> None:
+        self.cutter = cutter = BlockCutter(
+            self._compressor, _Watched(self._writer, handoff), self._block_size
+        )
         while (chunk := handoff.get()) is not _DONE:
-            self._emit(handoff, self._compressor.compress(chunk))
+            cutter.write(chunk)  # type: ignore[arg-type]
             handoff.touch()
-        self._emit(handoff, self._compressor.flush(), final=True)
+        cutter.close()
 
 
 def stream_copy(

@@ -2,6 +2,12 @@
 
     <root>/<source>/<S>.<T>/date=YYYY-MM-DD/<T>-YYYY-MM-DD-<version>.csv<ext>   data (immutable)
     <root>/<source>/<S>.<T>/date=YYYY-MM-DD/_manifest.json                      the commit point
+    <root>/<source>/<S>.<T>/incremental/<T>-<batch:06d>.csv<ext>                incremental batch
+    <root>/<source>/<S>.<T>/incremental/<T>-<batch:06d>.json                    its commit point
+    <root>/<source>/<S>.<T>/cdc/<T>-<start>-<end>[-<part>].csv<ext>            CDC change files
+    <root>/<source>/<S>.<T>/cdc/<T>-snapshot-<lsn>.csv<ext> + .json             CDC snapshots
+    <root>/<source>/_cdc/<slot>/<start>-<end>.json                              CDC commit points
+    <root>/<source>/_cdc/<slot>/_head.json                                      CDC position cache
     <root>/_staging/<run_id>-<token>-<file>                                     never read
 
 `<S>` and `<T>` are the schema and table names, each encoded by `encode_segment` so that the
@@ -85,3 +91,84 @@ def daily_paths(source: str, table: QualifiedName, day: dt.date) -> PartitionPat
         folder=f"{table_folder(source, table)}/date={day.isoformat()}",
         stem=f"{encode_segment(table.name)}-{day.isoformat()}",
     )
+
+
+_BATCH = re.compile(r"^(\d{6,})\.json$")
+
+
+@dataclass(frozen=True)
+class IncrementalPaths:
+    """The folder of an incremental table's batches and the names inside it.
+
+    Names come from the batch number alone, so a rerun after a crash before the batch's
+    manifest rewrites the same files instead of adding new ones (see
+    `pg_assets.core.incremental`)."""
+
+    folder: str
+    stem: str  # `<T>`: every batch file is `<T>-<batch:06d>.<ext>`
+
+    def data(self, batch: int, extension: str) -> str:
+        return f"{self.folder}/{self.stem}-{batch:06d}.csv{extension}"
+
+    def manifest(self, batch: int) -> str:
+        return f"{self.folder}/{self.stem}-{batch:06d}.json"
+
+    def batch_of_manifest(self, relpath: str) -> int | None:
+        """The batch number of a manifest path of this folder, else None."""
+        folder, _, name = relpath.rpartition("/")
+        if folder != self.folder or not name.startswith(f"{self.stem}-"):
+            return None
+        m = _BATCH.match(name[len(self.stem) + 1 :])
+        return int(m.group(1)) if m else None
+
+
+def incremental_paths(source: str, table: QualifiedName) -> IncrementalPaths:
+    return IncrementalPaths(
+        folder=f"{table_folder(source, table)}/incremental", stem=encode_segment(table.name)
+    )
+
+
+# -- change data capture (issue 12; see pg_assets.core.cdc.batch for the protocol) ----------
+
+CDC_HEAD = "_head.json"
+
+
+def _hex(lsn: int) -> str:
+    return f"{lsn:016X}"  # zero-padded upper-case hex: names sort in LSN order
+
+
+def cdc_folder(source: str, table: QualifiedName) -> str:
+    return f"{table_folder(source, table)}/cdc"
+
+
+def cdc_change_file(
+    source: str, table: QualifiedName, start: int, end: int, part: int, extension: str
+) -> str:
+    """A batch's change file of one table: `<T>-<start>-<end>.csv<ext>`, `-<part>` appended
+    for the second and later files of the table in the batch (after a schema change)."""
+    suffix = f"-{part}" if part else ""
+    name = encode_segment(table.name)
+    return f"{cdc_folder(source, table)}/{name}-{_hex(start)}-{_hex(end)}{suffix}.csv{extension}"
+
+
+def cdc_snapshot_file(source: str, table: QualifiedName, lsn: int, extension: str) -> str:
+    """The table's full extract at the slot position `lsn`: changes committed at or after
+    `lsn` apply to it."""
+    return f"{cdc_folder(source, table)}/{encode_segment(table.name)}-snapshot-{_hex(lsn)}.csv{extension}"
+
+
+def cdc_snapshot_manifest(source: str, table: QualifiedName, lsn: int) -> str:
+    return f"{cdc_folder(source, table)}/{encode_segment(table.name)}-snapshot-{_hex(lsn)}.json"
+
+
+def cdc_journal(source: str, slot: str) -> str:
+    """The folder of a slot's batch manifests (the commit points) and its `_head.json`."""
+    return f"{source}/_cdc/{slot}"
+
+
+def cdc_batch_manifest(source: str, slot: str, start: int, end: int) -> str:
+    return f"{cdc_journal(source, slot)}/{_hex(start)}-{_hex(end)}.json"
+
+
+def cdc_head(source: str, slot: str) -> str:
+    return f"{cdc_journal(source, slot)}/{CDC_HEAD}"

@@ -39,7 +39,11 @@ def _up(reload: bool = False) -> str:
     end = demo_end()
     with psycopg.connect(server.conninfo, autocommit=True) as conn:
         through = demo_loaded_through(conn)
-        if reload or through is None or through < end:
+        complete = conn.execute(
+            "SELECT to_regclass('public.inventory') IS NOT NULL"
+            " AND to_regclass('public.payments') IS NOT NULL"
+        ).fetchone()
+        if reload or through is None or through < end or not (complete and complete[0]):
             print(f"loading demo tables ({DEMO_START} to {end}) ...", flush=True)
             with conn.transaction():
                 load_demo(conn, end)
@@ -100,7 +104,23 @@ def _check(quiet: bool = False) -> int:
                 f"{c.config.table}: ok ({len(c.info.columns)} columns, "
                 f"{len(c.info.children)} partitions), first day {c.start} ({where})"
             )
-    return 0
+    try:
+        from pg_assets.assets.incremental import check_incremental
+        from pg_assets.dev.cdc_cli import check_lines
+
+        lines = list(check_incremental(config))
+        problems = check_lines(config)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if not quiet:
+        for line in lines:
+            print(line)
+        for t in config.tables_of("cdc"):
+            print(f"{t.table}: cdc, {'NOT READY' if problems else 'ready'}")
+    for line in problems:
+        print(f"error: {line}", file=sys.stderr)
+    return 2 if problems else 0
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -150,13 +170,13 @@ def _materialize(start: dt.date, end: dt.date, *, tables: list[str] | None, demo
     except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    by_table = {t.name: t for t in config.tables}
+    by_table = {t.name: t for t in config.tables_of("daily")}
     if wanted is not None and (unknown := wanted - set(by_table)):
         print(f"error: not in {config.path}: {', '.join(map(str, unknown))}", file=sys.stderr)
         return 2
     instance = DagsterInstance.get()
     days = [start + dt.timedelta(days=n) for n in range((end - start).days + 1)]
-    selected = [t for t in config.tables if wanted is None or t.name in wanted]
+    selected = [t for t in config.tables_of("daily") if wanted is None or t.name in wanted]
     print(f"materializing {len(days)} days × {len(selected)} tables into {config.bronze.root}")
     print(
         f"{'asset':<28} {'day':<11} {'rows':>8} {'raw MB':>8} {'gz MB':>7} {'ratio':>6} {'MB/s':>7}  relation"
@@ -182,6 +202,13 @@ def _materialize(start: dt.date, end: dt.date, *, tables: list[str] | None, demo
                     f"{m['compression_ratio'].value:>6.1f} {m['mb_per_s'].value:>7.1f}  "
                     f"{m['source_relation'].value} ({m['strategy'].value})"
                 )
+    if demo:
+        from pg_assets.dev.writer import demo_batches
+
+        failed += demo_batches(config, defs, instance)
+        from pg_assets.dev.cdc_cli import demo_cdc
+
+        failed += demo_cdc(config, defs, instance)
     print(f"\nBronze: {config.bronze.root}")
     if demo:
         print("Open the UI with: .venv/bin/pg-assets dev")
@@ -269,6 +296,16 @@ def cmd_stop(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_writer(args: argparse.Namespace) -> int:
+    from pg_assets.dev.writer import run_writer
+
+    conninfo = _up()
+    print("writing to public.payments; Ctrl-C to stop", flush=True)
+    run_writer(conninfo, rate=args.rate, updates=args.updates, seconds=args.seconds,
+               long_every=args.long_every, long_s=args.long_s)  # fmt: skip
+    return 0
+
+
 COMMANDS: list[tuple[str, Callable[[argparse.Namespace], int], str]] = [
     (
         "demo",
@@ -284,6 +321,7 @@ COMMANDS: list[tuple[str, Callable[[argparse.Namespace], int], str]] = [
         "max_partitions_per_run days, in this process (no daemon needed)",
     ),
     ("up", cmd_up, "start the embedded PostgreSQL (with the demo tables) and leave it running"),
+    ("writer", cmd_writer, "keep writing to the demo's incremental table (public.payments)"),
     ("stop", cmd_stop, "stop the embedded PostgreSQL"),
     (
         "check",
@@ -317,6 +355,13 @@ def main(argv: list[str] | None = None) -> int:
         if name == "dev":
             p.add_argument("--host", default="127.0.0.1", help="webserver address")
             p.add_argument("--port", type=int, default=3000, help="webserver port")
+        if name == "writer":
+            from pg_assets.dev.writer import add_arguments
+
+            add_arguments(p)
+    from pg_assets.dev.cdc_cli import add_parser
+
+    add_parser(sub)  # `pg-assets cdc setup|drop|status`
     args = parser.parse_args(argv)
     return args.fn(args)
 

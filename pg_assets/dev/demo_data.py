@@ -3,6 +3,8 @@
     public.orders      RANGE-partitioned by day on a date column, plus a DEFAULT partition
     public.events      RANGE-partitioned by month on a timestamptz column (Europe/Berlin days)
     public.customers   not partitioned, a date column
+    public.payments    incremental by updated_at (see `pg_assets.dev.writer`)
+    public.inventory   mode `cdc`: changes stream from the logical slot (`cdc_demo_changes`)
 
 Rows are generated server-side with `generate_series`, so loading millions of rows (the
 benchmark) costs seconds. Text columns carry commas, quotes, newlines, non-ASCII, NULLs and
@@ -20,6 +22,8 @@ from collections.abc import Mapping, Sequence
 
 import psycopg
 from psycopg import sql
+
+from pg_assets.dev.writer import create_payments
 
 # A row expression over `g` (the series value) and `d` (the day); ~240 bytes of CSV a row.
 ORDER_COLUMNS = """
@@ -271,4 +275,50 @@ def load_demo(
                 generate_series(1, v.n) AS g""",
         (all_days, [signups[d] for d in all_days], [day_id_base(d) // 1000 for d in all_days]),
     )
+    conn.execute("DROP TABLE IF EXISTS public.payments")
+    create_payments(conn)
+
+    conn.execute("DROP TABLE IF EXISTS public.inventory CASCADE")
+    conn.execute(
+        """CREATE TABLE public.inventory (
+               item_id integer PRIMARY KEY, sku text NOT NULL, qty integer NOT NULL,
+               price numeric(10,2), note text, updated_at timestamptz NOT NULL DEFAULT now()
+           )"""
+    )
+    conn.execute(
+        """INSERT INTO public.inventory (item_id, sku, qty, price, note)
+           SELECT g, 'SKU-' || g, (g * 37) % 500, round(((g * 7919) % 100000) / 100.0, 2),
+                  CASE g % 4 WHEN 0 THEN NULL WHEN 1 THEN '' WHEN 2 THEN 'aisle 3, "top" shelf'
+                              ELSE 'Lager Köln' END
+           FROM generate_series(1, 500) AS g"""
+    )
     conn.execute("ANALYZE")
+
+
+def cdc_demo_changes(conn: psycopg.Connection, round_: int, transactions: int = 5) -> int:
+    """A few transactions on public.inventory, as a shop would make them: stock moves
+    (updates), new items (inserts), a discontinued item (delete), and now and then an item
+    renumbered (an update of the key). Deterministic per `round_`; returns the transactions."""
+    changes = 0
+    for i in range(transactions):
+        n = round_ * transactions + i
+        with conn.transaction():
+            conn.execute(
+                "UPDATE public.inventory SET qty = qty + %s, updated_at = now()"
+                " WHERE item_id %% 97 = %s",
+                (n % 7 - 3, n % 97),
+            )
+            conn.execute(
+                "INSERT INTO public.inventory (item_id, sku, qty, price, note)"
+                " VALUES (%s, %s, %s, %s, %s) ON CONFLICT (item_id) DO NOTHING",
+                (100_000 + n, f"NEW-{n}", n % 50, (n % 1000) / 10, f'round {round_}, "new"'),
+            )
+            conn.execute("DELETE FROM public.inventory WHERE item_id = %s", (1 + n * 13 % 500,))
+            if n % 5 == 0:
+                conn.execute(
+                    "UPDATE public.inventory SET item_id = %s WHERE item_id = %s AND NOT EXISTS"
+                    " (SELECT FROM public.inventory WHERE item_id = %s)",
+                    (200_000 + n, 100_000 + n, 200_000 + n),
+                )
+        changes += 1
+    return changes
