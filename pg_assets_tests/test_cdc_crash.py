@@ -130,6 +130,7 @@ def _crash(config_path: str, mode: str, log, db, conninfo: str) -> bool:
         if proc.poll() is None:
             proc.kill()
         proc.wait(30)
+        proc.stdout.close()  # type: ignore[union-attr]
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -503,7 +503,7 @@ def test_an_asset_without_output_reports_each_days_checks_itself(env):
             with postgres.connection() as conn:
                 extract_day(conn, source="checks", table=table.name, column=table.column,
                             day=day, timezone="UTC", sink=sink, codec=bronze.get_codec(),
-                            level=1, run_id=context.run_id)  # fmt: skip
+                            level=1, run_id=context.run.run_id)  # fmt: skip
             yield AssetMaterialization(asset_key=context.asset_key, partition=key)
             yield from day_check_evaluations(checks, [day], sink=sink, postgres=postgres,
                                              instance=context.instance)  # fmt: skip

@@ -65,7 +65,8 @@ def run_and_kill_after_manifest(
             child.kill()
             child.wait(30)
     assert child.stdout is not None
-    assert b"RUN ENDED" not in child.stdout.read()
+    with child.stdout:
+        assert b"RUN ENDED" not in child.stdout.read()
     with DagsterInstance.from_config(str(home)) as instance:
         (run,) = instance.get_runs()
         status = run.status

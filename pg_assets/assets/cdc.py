@@ -264,7 +264,7 @@ def build_cdc_assets(project: ProjectConfig) -> CdcDefinitions | None:
         except Exception as e:  # a missing conninfo variable, an unusable Bronze root
             raise Failure(f"{where}: {e}") from None
         try:
-            result = sync(src, context.run_id, log=context.log.info)
+            result = sync(src, context.run.run_id, log=context.log.info)
         except Exception as e:
             health = _health_now(src)
             if not isinstance(health, Exception):

@@ -125,7 +125,7 @@ def build_incremental_asset(project: ProjectConfig, table: TableConfig) -> Asset
                     sink=sink,
                     codec=codec,
                     level=level,
-                    run_id=context.run_id,
+                    run_id=context.run.run_id,
                     block_size=bronze.block_size,
                     lock_timeout_s=project.postgres.lock_timeout_s,
                     batch_hint=int(hint) if hint and hint.isdigit() else None,

@@ -108,7 +108,7 @@ def build_order_totals(
         sink = _silver_sink(bronze)
         relpath = f"{source}/daily_order_totals/date={day.isoformat()}/part.parquet"
         published = sink.write_bytes(
-            context.run_id, relpath, buf.getvalue(), "application/vnd.apache.parquet"
+            context.run.run_id, relpath, buf.getvalue(), "application/vnd.apache.parquet"
         )
         return MaterializeResult(
             metadata={
