@@ -53,9 +53,9 @@ from dagster._core.definitions.asset_checks.asset_check_evaluation import (
 
 from pg_assets.catalog import ResolvedTable
 from pg_assets.config import ChecksConfig, ProjectConfig, TableConfig
-from pg_assets.core.extract import read_manifest
 from pg_assets.core.layout import daily_paths
 from pg_assets.core.planner import CatalogError, TableInfo, describe_table, plan_day
+from pg_assets.core.publish import read_manifest
 from pg_assets.core.verify import count_day, read_back, schema_diff
 from pg_assets.resources.bronze import BronzeResource
 from pg_assets.resources.postgres import PostgresResource

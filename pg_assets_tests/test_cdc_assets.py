@@ -435,5 +435,9 @@ def test_one_run_at_a_time(db, cdc_env, proj_factory, pg_conninfo):  # noqa: F81
         release.set()
         holder.join(10)
     assert not result.success
-    assert f"replication slot '{slot}': another pg_assets run holds it" in failure(result)
+    message = failure(result)
+    assert (
+        f"replication slot '{slot}': another run (" in message and "PostgreSQL backend" in message
+    )
+    assert "holds it; gave up after waiting" in message
     assert run(proj).success

@@ -36,7 +36,6 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import psycopg
-from psycopg import errors as pg_errors
 
 from pg_assets import __version__
 from pg_assets.core.compression import Codec
@@ -50,6 +49,13 @@ from pg_assets.core.planner import (
     describe_table,
     lock_plan,
     plan_day,
+)
+from pg_assets.core.publish import (
+    advisory_lock,
+    file_facts,
+    holds,
+    read_manifest,
+    snapshot_facts,
 )
 from pg_assets.core.session import PINNED_SETTINGS
 from pg_assets.core.verify import DayCount, content_hash_record, count_day
@@ -98,64 +104,21 @@ def lock_key(source: str, table: QualifiedName, day: dt.date) -> str:
     return f"pg_assets:{table_folder(source, table)}:{day.isoformat()}"
 
 
-def _lock_holder(conn: psycopg.Connection, key: str) -> str:
-    with conn.transaction():
-        row = conn.execute(
-            """SELECT a.pid, a.application_name, a.backend_start
-               FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
-               WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
-                 AND ((l.classid::bigint << 32) | l.objid::bigint) = hashtextextended(%s, 0)
-               LIMIT 1""",
-            (key,),
-        ).fetchone()
-    if row is None:
-        return "another run"
-    pid, app, since = row
-    return f"another run ({app or 'unnamed'}, PostgreSQL backend {pid}, connected {since:%Y-%m-%d %H:%M:%S%z})"
-
-
 @contextmanager
 def partition_lock(
     conn: psycopg.Connection, key: str, wait_s: float, where: str, run_id: str = ""
 ) -> Iterator[None]:
-    """Hold the session-level advisory lock `key` for the duration of the block."""
-    try:
-        with conn.transaction():
-            if run_id:  # lets a DBA (and the loser's error) see which run holds what
-                conn.execute(
-                    "SELECT set_config('application_name', %s, false)",
-                    (f"pg_assets run {run_id[:8]}",),
-                )
-            conn.execute(
-                "SELECT set_config('lock_timeout', %s, true)", (f"{int(wait_s * 1000)}ms",)
-            )
-            conn.execute("SELECT pg_advisory_lock(hashtextextended(%s, 0))", (key,))
-    except pg_errors.LockNotAvailable:
-        holder = _lock_holder(conn, key)
-        raise PartitionBusyError(
+    """Hold the day's lock for the block; another run of the day makes us wait, boundedly."""
+
+    def busy(holder: str) -> Exception:
+        return PartitionBusyError(
             f"{where}: {holder} is extracting this partition; gave up after waiting "
             f"{wait_s:g} s (postgres.lock_timeout_s)"
-        ) from None
-    try:
+        )
+
+    app = f"pg_assets run {run_id[:8]}" if run_id else "pg_assets"
+    with advisory_lock(conn, key, wait_s, application_name=app, busy=busy):
         yield
-    finally:
-        if not conn.closed and not conn.broken:
-            try:
-                with conn.transaction():
-                    conn.execute("SELECT pg_advisory_unlock(hashtextextended(%s, 0))", (key,))
-            except psycopg.Error:
-                pass  # the session is gone, and its locks with it
-
-
-def read_manifest(sink: Sink, relpath: str) -> dict[str, Any] | None:
-    """The manifest at `relpath`, or None if there is none (or it is not a manifest)."""
-    if sink.stat(relpath) is None:
-        return None
-    try:
-        manifest = json.loads(sink.read_bytes(relpath))
-    except ValueError:
-        return None
-    return manifest if isinstance(manifest, dict) else None
 
 
 def _history(previous: dict[str, Any] | None) -> list[dict[str, Any]]:
@@ -168,25 +131,6 @@ def _history(previous: dict[str, Any] | None) -> list[dict[str, Any]]:
     if entry["file"] is None and previous.get("uri"):  # layout v1 manifests have no `file`
         entry["file"] = str(previous["uri"]).rsplit("/", 1)[-1]
     return [entry, *previous.get("history", [])][:HISTORY_KEPT]
-
-
-def _snapshot(conn: psycopg.Connection) -> dict[str, str]:
-    """The transaction's exact snapshot, and a WAL position above every commit it sees."""
-    row = conn.execute(
-        "SELECT pg_current_snapshot()::text,"
-        " CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn()"
-        " ELSE pg_current_wal_insert_lsn() END::text"
-    ).fetchone()
-    assert row is not None
-    return {"txid_snapshot": row[0], "lsn_upper_bound": row[1]}
-
-
-def _committed(sink: Sink, relpath: str, body: bytes) -> bool:
-    """Whether `relpath` holds exactly `body`: how a lost response is told from a failure."""
-    try:
-        return sink.read_bytes(relpath) == body
-    except Exception:
-        return False
 
 
 def _remove_superseded(
@@ -288,7 +232,7 @@ def _extract_locked(
             # session's pinned settings verified)
             plan = lock_plan(conn, info, plan_day(info, day, timezone), lock_timeout_s)
             info = plan.info
-            snapshot = _snapshot(conn)
+            snapshot = snapshot_facts(conn)
             with conn.cursor() as cur:
                 stats = stream_copy(
                     cur, plan.statement, staging, codec.compressor(level), block_size=block_size
@@ -310,16 +254,7 @@ def _extract_locked(
             "schema_name": table.schema,
             "table_name": table.name,
             "partition": day.isoformat(),
-            "file": data_rel.rsplit("/", 1)[-1],
-            "uri": published.uri,
-            "etag": published.etag,
-            "rows": stats.rows,
-            "raw_bytes": stats.raw_bytes,
-            "compressed_bytes": stats.compressed_bytes,
-            "sha256": stats.sha256,
-            "codec": codec.name,
-            "level": level,
-            "format": "csv, header (PostgreSQL COPY)",
+            **file_facts(data_rel, published, stats, codec, level),
             "columns": [asdict(c) for c in info.columns],
             "source_relation": str(plan.relation),
             "strategy": plan.strategy,
@@ -341,7 +276,7 @@ def _extract_locked(
         try:
             sink.write_bytes(run_id, paths.manifest, body, "application/json")
         except Exception as e:
-            if not _committed(sink, paths.manifest, body):
+            if not holds(sink, paths.manifest, body):
                 raise ExtractionError(
                     f"publishing the manifest of {where} failed, so the previous version stays "
                     f"published: {e}"
@@ -349,7 +284,7 @@ def _extract_locked(
     except BaseException:
         if staging is not None:
             sink.discard(staging)
-        if body is None or not _committed(sink, paths.manifest, body):
+        if body is None or not holds(sink, paths.manifest, body):
             try:
                 sink.delete(data_rel)  # not committed: take the new data file back out
             except Exception:

@@ -72,19 +72,17 @@ from psycopg import sql
 from pg_assets import __version__
 from pg_assets.core.compression import CODECS, Codec
 from pg_assets.core.copy_stream import CopyStats, stream_copy
-from pg_assets.core.extract import (
-    MANIFEST_VERSION,
-    ExtractionError,
-    PartitionBusyError,
-    _committed,
-    _lock_holder,
-    _snapshot,
-    partition_lock,
-    read_manifest,
-)
+from pg_assets.core.extract import MANIFEST_VERSION, ExtractionError, PartitionBusyError
 from pg_assets.core.identifiers import QualifiedName
 from pg_assets.core.layout import IncrementalPaths, incremental_paths, table_folder
 from pg_assets.core.planner import COPY_OPTIONS, CatalogError, Column
+from pg_assets.core.publish import (
+    advisory_lock,
+    file_facts,
+    holds,
+    read_manifest,
+    snapshot_facts,
+)
 from pg_assets.core.session import PINNED_SETTINGS, check_session
 from pg_assets.sinks.base import Published, Sink, StagingFile
 
@@ -630,15 +628,16 @@ def _table_lock(
     conn: psycopg.Connection, spec: IncrementalSpec, wait_s: float, where: str, run_id: str
 ) -> Iterator[None]:
     """Batches of one table never interleave: a session advisory lock, bounded wait."""
-    try:
-        with partition_lock(conn, spec.lock_key, wait_s, where, run_id):
-            yield
-    except PartitionBusyError:
-        holder = _lock_holder(conn, spec.lock_key)
-        raise PartitionBusyError(
+
+    def busy(holder: str) -> Exception:
+        return PartitionBusyError(
             f"{where}: {holder} is extracting a batch of this table; gave up after waiting "
             f"{wait_s:g} s (postgres.lock_timeout_s)"
-        ) from None
+        )
+
+    app = f"pg_assets run {run_id[:8]}" if run_id else "pg_assets"
+    with advisory_lock(conn, spec.lock_key, wait_s, application_name=app, busy=busy):
+        yield
 
 
 def _lock_table(
@@ -738,7 +737,7 @@ def _extract_locked(
                     f"({info.cursor.type} → {locked.cursor.type}); run it again"
                 )
             info = locked
-            snapshot = _snapshot(conn)
+            snapshot = snapshot_facts(conn)
             bounds = plan_bounds(conn, info, spec, cap, previous)
             if not bounds.advances:
                 return NoBatch(batch, info, bounds, cap)
@@ -771,16 +770,7 @@ def _extract_locked(
             "schema_name": spec.table.schema,
             "table_name": spec.table.name,
             "batch": batch,
-            "file": data_rel.rsplit("/", 1)[-1],
-            "uri": published.uri,
-            "etag": published.etag,
-            "rows": stats.rows,
-            "raw_bytes": stats.raw_bytes,
-            "compressed_bytes": stats.compressed_bytes,
-            "sha256": stats.sha256,
-            "codec": codec.name,
-            "level": level,
-            "format": "csv, header (PostgreSQL COPY)",
+            **file_facts(data_rel, published, stats, codec, level),
             "columns": [asdict(col) for col in info.columns],
             "source_relation": str(info.name),
             "cursor": {"column": info.cursor.name, "type": info.cursor.type, "kind": info.kind},
@@ -813,7 +803,7 @@ def _extract_locked(
         try:
             sink.write_bytes(run_id, manifest_rel, body, "application/json")
         except Exception as e:
-            if not _committed(sink, manifest_rel, body):
+            if not holds(sink, manifest_rel, body):
                 raise IncrementalError(
                     f"publishing the manifest of {where} failed, so the batch is not committed "
                     f"(the next run writes batch {batch} again): {e}"
@@ -821,7 +811,7 @@ def _extract_locked(
     except BaseException:
         if staging is not None:
             sink.discard(staging)
-        if body is None or not _committed(sink, manifest_rel, body):
+        if body is None or not holds(sink, manifest_rel, body):
             try:
                 if sink.stat(manifest_rel) is None:  # never take out someone else's batch
                     sink.delete(data_rel)

@@ -57,9 +57,9 @@ from psycopg import errors as pg_errors
 from pg_assets.catalog import ResolvedTable
 from pg_assets.checks import MATCHES_SOURCE, DayChecks, day_checks_for, evaluation
 from pg_assets.config import ProjectConfig
-from pg_assets.core.extract import read_manifest
 from pg_assets.core.layout import daily_paths
 from pg_assets.core.planner import TableInfo, describe_table
+from pg_assets.core.publish import read_manifest
 from pg_assets.core.verify import DayCount, recount_window
 from pg_assets.resources.bronze import BronzeResource
 from pg_assets.resources.postgres import PostgresResource

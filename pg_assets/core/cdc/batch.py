@@ -44,6 +44,7 @@ from pg_assets.core.layout import (
     cdc_journal,
     encode_segment,
 )
+from pg_assets.core.publish import holds
 from pg_assets.sinks.base import Published, Sink
 
 HEAD_VERSION = 1
@@ -173,14 +174,6 @@ def read_json(sink: Sink, relpath: str) -> dict[str, Any] | None:
     except ValueError:
         return None
     return doc if isinstance(doc, dict) else None
-
-
-def holds(sink: Sink, relpath: str, body: bytes) -> bool:
-    """Whether `relpath` holds exactly `body`: a lost response told from a failure."""
-    try:
-        return sink.read_bytes(relpath) == body
-    except Exception:
-        return False
 
 
 class Journal:

@@ -51,6 +51,7 @@ from pg_assets.core.cdc.snapshot import SnapshotRef, TableSnapshot, snapshot_pat
 from pg_assets.core.compression import Codec
 from pg_assets.core.identifiers import QualifiedName
 from pg_assets.core.layout import cdc_change_file
+from pg_assets.core.publish import advisory_lock
 from pg_assets.core.session import APPLICATION_NAME, connect_kwargs
 from pg_assets.sinks.base import Published, Sink, StagingFile
 
@@ -131,32 +132,18 @@ def lock_key(source: CdcSource) -> str:
 def source_lock(conn: psycopg.Connection, src: CdcSource, run_id: str) -> Iterator[None]:
     """One run per slot at a time (a sensor run, a manual materialization, `pg-assets cdc`):
     a session-level advisory lock with a bounded wait, on the caller's autocommit connection."""
-    key = lock_key(src)
-    try:
-        with conn.transaction():
-            conn.execute(
-                "SELECT set_config('application_name', %s, false)",
-                [f"pg_assets cdc {run_id[:8]}"],
-            )
-            conn.execute(
-                "SELECT set_config('lock_timeout', %s, true)",
-                [f"{max(1, int(src.lock_timeout_s * 1000))}ms"],
-            )
-            conn.execute("SELECT pg_advisory_lock(hashtextextended(%s, 0))", [key])
-    except psycopg.errors.LockNotAvailable:
-        raise CdcError(
-            f"replication slot {src.slot!r}: another pg_assets run holds it; gave up after "
-            f"waiting {src.lock_timeout_s:g} s (postgres.lock_timeout_s)"
-        ) from None
-    try:
+
+    def busy(holder: str) -> Exception:
+        return CdcError(
+            f"replication slot {src.slot!r}: {holder} holds it; gave up after waiting "
+            f"{src.lock_timeout_s:g} s (postgres.lock_timeout_s)"
+        )
+
+    with advisory_lock(
+        conn, lock_key(src), src.lock_timeout_s,
+        application_name=f"pg_assets cdc {run_id[:8]}", busy=busy,
+    ):  # fmt: skip
         yield
-    finally:
-        if not conn.closed and not conn.broken:
-            try:
-                with conn.transaction():
-                    conn.execute("SELECT pg_advisory_unlock(hashtextextended(%s, 0))", [key])
-            except psycopg.Error:
-                pass  # the session is gone, and its lock with it
 
 
 def wait_until_released(conn: psycopg.Connection, slot: str, timeout_s: float) -> None:

@@ -32,6 +32,7 @@ from pg_assets.core.compression import Codec
 from pg_assets.core.copy_stream import CopyStats, stream_copy
 from pg_assets.core.identifiers import QualifiedName
 from pg_assets.core.layout import cdc_snapshot_file, cdc_snapshot_manifest
+from pg_assets.core.publish import file_facts, holds
 from pg_assets.core.session import connect_kwargs as session_kwargs
 from pg_assets.sinks.base import Sink, StagingFile
 
@@ -167,17 +168,8 @@ def copy_snapshot(
         "lsn_pg": format_lsn(lsn),
         "replay": REPLAY_RULE,
         "temporary_slot": temporary_slot,
-        "file": data_rel.rsplit("/", 1)[-1],
+        **file_facts(data_rel, published, stats, codec, level),
         "path": data_rel,
-        "uri": published.uri,
-        "etag": published.etag,
-        "rows": stats.rows,
-        "raw_bytes": stats.raw_bytes,
-        "compressed_bytes": stats.compressed_bytes,
-        "sha256": stats.sha256,
-        "codec": codec.name,
-        "level": level,
-        "format": "csv, header (PostgreSQL COPY)",
         "columns": columns,
         "session": dict(PINNED_SETTINGS),
         "extracted_at": dt.datetime.now(dt.UTC).isoformat(),
@@ -188,19 +180,11 @@ def copy_snapshot(
     try:
         sink.write_bytes(run_id, manifest_rel, body, "application/json")
     except Exception as e:
-        if not _holds(sink, manifest_rel, body):
+        if not holds(sink, manifest_rel, body):
             raise CdcError(f"publishing the manifest of the {where} failed: {e}") from e
     return TableSnapshot(
         SnapshotRef(table, lsn, manifest_rel, data_rel), stats, manifest, published.uri
     )
-
-
-def _holds(sink: Sink, relpath: str, body: bytes) -> bool:
-    """Whether `relpath` holds exactly `body`: a lost response told from a failure."""
-    try:
-        return sink.read_bytes(relpath) == body
-    except Exception:
-        return False
 
 
 def temporary_slot_name(slot: str) -> str:

@@ -1,0 +1,130 @@
+"""What every kind of Bronze write shares — daily days, incremental batches, CDC batches.
+
+- **One writer per unit of work**: a session-level advisory lock (the day, the table's next
+  batch, the source's slot) taken with a bounded wait; the loser's error names the holder.
+  Session-level, not transaction-level, because the lock must outlive the read transaction
+  (which ends with the COPY) until the manifest is committed.
+- **The manifest is the commit point**, and a lost response is told from a failure by
+  reading back what the store holds (`holds`).
+- **Every manifest states the same facts about its file** (`file_facts`), so checks and
+  readers treat all three kinds alike.
+"""
+
+import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import psycopg
+from psycopg import errors as pg_errors
+
+from pg_assets.core.compression import Codec
+from pg_assets.core.copy_stream import CopyStats
+from pg_assets.sinks.base import Published, Sink
+
+FORMAT = "csv, header (PostgreSQL COPY)"
+
+
+def lock_holder(conn: psycopg.Connection, key: str) -> str:
+    """Who holds the advisory lock `key`, for an error message."""
+    with conn.transaction():
+        row = conn.execute(
+            """SELECT a.pid, a.application_name, a.backend_start
+               FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+               WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+                 AND ((l.classid::bigint << 32) | l.objid::bigint) = hashtextextended(%s, 0)
+               LIMIT 1""",
+            (key,),
+        ).fetchone()
+    if row is None:
+        return "another run"
+    pid, app, since = row
+    return (
+        f"another run ({app or 'unnamed'}, PostgreSQL backend {pid}, "
+        f"connected {since:%Y-%m-%d %H:%M:%S%z})"
+    )
+
+
+@contextmanager
+def advisory_lock(
+    conn: psycopg.Connection,
+    key: str,
+    wait_s: float,
+    *,
+    application_name: str,
+    busy: Callable[[str], Exception],
+) -> Iterator[None]:
+    """Hold the session-level advisory lock `key` for the block, waiting at most `wait_s`.
+
+    `application_name` is set on the session first, so a DBA (and the loser's error) sees
+    which run holds what; `busy(holder)` builds the error raised when the wait runs out.
+    """
+    try:
+        with conn.transaction():
+            conn.execute(
+                "SELECT set_config('application_name', %s, false)", (application_name[:63],)
+            )
+            conn.execute(
+                "SELECT set_config('lock_timeout', %s, true)",
+                (f"{max(1, int(wait_s * 1000))}ms",),
+            )
+            conn.execute("SELECT pg_advisory_lock(hashtextextended(%s, 0))", (key,))
+    except pg_errors.LockNotAvailable:
+        raise busy(lock_holder(conn, key)) from None
+    try:
+        yield
+    finally:
+        if not conn.closed and not conn.broken:
+            try:
+                with conn.transaction():
+                    conn.execute("SELECT pg_advisory_unlock(hashtextextended(%s, 0))", (key,))
+            except psycopg.Error:
+                pass  # the session is gone, and its locks with it
+
+
+def read_manifest(sink: Sink, relpath: str) -> dict[str, Any] | None:
+    """The manifest at `relpath`, or None if there is none (or it is not a manifest)."""
+    if sink.stat(relpath) is None:
+        return None
+    try:
+        manifest = json.loads(sink.read_bytes(relpath))
+    except ValueError:
+        return None
+    return manifest if isinstance(manifest, dict) else None
+
+
+def holds(sink: Sink, relpath: str, body: bytes) -> bool:
+    """Whether `relpath` holds exactly `body`: how a lost response is told from a failure."""
+    try:
+        return sink.read_bytes(relpath) == body
+    except Exception:
+        return False
+
+
+def snapshot_facts(conn: psycopg.Connection) -> dict[str, str]:
+    """The transaction's exact snapshot, and a WAL position above every commit it sees."""
+    row = conn.execute(
+        "SELECT pg_current_snapshot()::text,"
+        " CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn()"
+        " ELSE pg_current_wal_insert_lsn() END::text"
+    ).fetchone()
+    assert row is not None
+    return {"txid_snapshot": row[0], "lsn_upper_bound": row[1]}
+
+
+def file_facts(
+    data_rel: str, published: Published, stats: CopyStats, codec: Codec, level: int
+) -> dict[str, Any]:
+    """What a manifest says about the data file it commits."""
+    return {
+        "file": data_rel.rsplit("/", 1)[-1],
+        "uri": published.uri,
+        "etag": published.etag,
+        "rows": stats.rows,
+        "raw_bytes": stats.raw_bytes,
+        "compressed_bytes": stats.compressed_bytes,
+        "sha256": stats.sha256,
+        "codec": codec.name,
+        "level": level,
+        "format": FORMAT,
+    }
