@@ -32,9 +32,10 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-import requests
 import yaml
 from psycopg import sql
+
+from pg_assets_tests.dagster_dev import graphql, launch_backfill  # the same calls the UI makes
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -103,30 +104,6 @@ def psql_copy_seconds(conninfo: str, runs: int = 3) -> float:
     return statistics.median(times)
 
 
-def graphql(url: str, query: str, **variables: Any) -> dict[str, Any]:
-    r = requests.post(f"{url}/graphql", json={"query": query, "variables": variables}, timeout=120)
-    r.raise_for_status()
-    body = r.json()
-    if body.get("errors"):
-        raise RuntimeError(body["errors"])
-    return body["data"]
-
-
-LAUNCH = """
-mutation ($params: LaunchBackfillParams!) {
-  launchPartitionBackfill(backfillParams: $params) {
-    __typename
-    ... on LaunchBackfillSuccess { backfillId }
-    ... on PythonError { message }
-    ... on InvalidStepError { invalidStepKey }
-    ... on InvalidOutputError { stepKey invalidOutputName }
-    ... on UnauthorizedError { message }
-    ... on PartitionSetNotFoundError { message }
-    ... on ConflictingExecutionParamsError { message }
-    ... on NoModeProvidedError { message }
-  }
-}"""
-
 STATS = """
 query ($key: AssetKeyInput!) {
   assetNodeOrError(assetKey: $key) {
@@ -141,19 +118,6 @@ query ($key: AssetKeyInput!) {
         partition metadataEntries { label ... on IntMetadataEntry { intValue } } } }
   }
 }"""
-
-
-def launch_backfill(url: str, key: list[str], partitions: list[str]) -> str:
-    params = {
-        "assetSelection": [{"path": key}],
-        "partitionNames": partitions,
-        "fromFailure": False,
-        "tags": [],
-    }
-    out = graphql(url, LAUNCH, params=params)["launchPartitionBackfill"]
-    if out["__typename"] != "LaunchBackfillSuccess":
-        raise RuntimeError(f"launchPartitionBackfill failed: {out}")
-    return out["backfillId"]
 
 
 def wait_done(url: str, key: list[str], days: int, timeout_s: float, services) -> dict[str, int]:
