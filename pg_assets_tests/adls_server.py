@@ -480,6 +480,15 @@ class AdlsTestServer:
         if parent and parent not in self.directories[fs]:
             # unlike create, a rename does not create the destination's parents
             return self._error(h, 404, "RenameDestinationParentPathNotFound", True)
+        # the destination's conditions (a commit point's compare-and-swap)
+        dest = files.get(path)
+        if_match, if_none_match = h.headers.get("If-Match"), h.headers.get("If-None-Match")
+        if if_match is not None and (dest is None or if_match not in ("*", dest.etag)):
+            return self._error(h, 412, "ConditionNotMet", True)
+        if if_none_match == "*" and dest is not None:
+            return self._error(h, 409, "PathAlreadyExists", True)
+        if if_none_match not in (None, "*") and dest is not None and dest.etag == if_none_match:
+            return self._error(h, 412, "ConditionNotMet", True)
         files[path] = src_files.pop(src_path)
         self._send(h, 201)
 

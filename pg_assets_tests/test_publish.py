@@ -20,6 +20,7 @@ from pg_assets.core.extract import lock_key
 from pg_assets.core.identifiers import QualifiedName
 from pg_assets.core.layout import daily_paths, decode_segment, table_folder
 from pg_assets.dev.demo_data import create_daily_partitioned, insert_orders
+from pg_assets.sinks.base import PreconditionFailed
 from pg_assets_tests.adls_server import Fault
 from pg_assets_tests.conftest import adls_bronze, day_query, postgres_copy, write_config
 
@@ -331,3 +332,94 @@ def test_sql_in_quoted_names_is_data_not_code(project, db):
 
 def name_of(quoted: str) -> str:
     return quoted[1:-1].replace('""', '"')
+
+
+# -- a run that lost its lock --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("where", ["local", "adls"])
+def test_commit_is_a_compare_and_swap(request, tmp_path, where):
+    """A manifest is replaced only if it is still the one the writer read."""
+    if where == "adls":
+        server = request.getfixturevalue("adls")
+        request.getfixturevalue("monkeypatch").setenv("CAS_KEY", server.key)
+        from pg_assets.sinks.adls import AdlsSink
+
+        sink = AdlsSink.from_uri(
+            "abfss://bronze@devstoreaccount1.dfs.core.windows.net/cas", auth="account_key",
+            secret_env="CAS_KEY", endpoint=server.url, create_filesystem=True, max_retries=0,
+        )  # fmt: skip
+    else:
+        from pg_assets.sinks.local import LocalSink
+
+        sink = LocalSink(tmp_path)
+    rel = "t/date=2026-10-07/_manifest.json"
+    first = sink.write_bytes("r1", rel, b"v1", "application/json", if_none_match=True)
+    with pytest.raises(PreconditionFailed, match="another writer committed"):
+        sink.write_bytes("r2", rel, b"v2?", "application/json", if_none_match=True)
+    assert sink.read_bytes(rel) == b"v1" and sink.stat(rel).etag == first.etag
+    second = sink.write_bytes("r3", rel, b"v2", "application/json", if_match=first.etag)
+    assert second.etag != first.etag
+    with pytest.raises(PreconditionFailed):  # a writer still holding v1's etag
+        sink.write_bytes("r4", rel, b"stale", "application/json", if_match=first.etag)
+    assert sink.read_bytes(rel) == b"v2"
+    assert [f for f in sink.list_files() if "_staging" in f or "_locks" in f] == []
+
+
+def test_a_run_that_lost_its_lock_cannot_commit_over_another(orders, adls, project, db):
+    """Run A's session (and with it the day's lock) dies while A uploads its manifest; run B
+    takes the day and commits. A's late commit must not replace B's version, and nothing A
+    does after may remove B's file: the day ends as B's version with its own manifest."""
+    p = project([TABLE], bronze=adls_bronze(adls), postgres={"lock_timeout_s": 30})
+    assert p.materialize(DAY.isoformat()).success
+    fault = Fault("rename", path="_manifest.json", mode="hang", delay=20, times=1)
+    adls.faults.append(fault)
+    a = subprocess.Popen(
+        [sys.executable, "-c", MATERIALIZE, str(p.config.path), DAY.isoformat()],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while fault.hits == 0:  # A is committing: its manifest rename hangs
+            assert time.monotonic() < deadline and a.poll() is None, "A never reached its commit"
+            time.sleep(0.05)
+        (killed,) = db.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+            " WHERE application_name LIKE 'pg_assets run %'"
+        ).fetchone()
+        assert killed >= 1
+        b = p.materialize(DAY.isoformat())  # B: the day's lock is free again
+        assert b.success
+        outcome_a = json.loads(a.communicate(timeout=180)[0].strip().splitlines()[-1])
+    finally:
+        if a.poll() is None:
+            a.kill()
+        adls.faults.clear()
+    assert not outcome_a["success"]
+    data, manifest = p.read_day(NAME, DAY)  # one data file, described by its manifest
+    assert manifest["run_id"] == b.run_id
+    expected = postgres_copy(db, day_query(sql.Identifier("pub", "orders"), "order_date", DAY))
+    assert gzip.decompress(data) == expected
+
+
+def test_a_commit_that_cannot_be_checked_deletes_nothing(orders, adls, project):
+    """The manifest's rename happens but its answer is lost, and reading the lake back fails
+    too: the run cannot tell whether it committed, so it must not delete the data file a
+    committed manifest may name; the next run settles the day."""
+    p = project([TABLE], bronze=adls_bronze(adls))
+    assert p.materialize(DAY.isoformat()).success
+    adls.faults += [
+        Fault("rename", path="_manifest.json", mode="lost", times=1),
+        # after the run's first look at the manifest (nth=2): every check of the commit fails
+        Fault("props", nth=2, path="_manifest.json", status=503, code="ServerBusy", times=20),
+        Fault("read", nth=2, path="_manifest.json", status=503, code="ServerBusy", times=20),
+    ]
+    result = p.materialize(DAY.isoformat())
+    adls.faults.clear()
+    assert not result.success
+    assert "could not be read back" in failure_message(result)
+    paths = daily_paths("test", NAME, DAY)
+    manifest = json.loads(p.sink().read_bytes(paths.manifest))
+    assert f"{paths.folder}/{manifest['file']}" in p.sink().list_files(paths.folder)
+    assert p.materialize(DAY.isoformat()).success  # the next run leaves one clean version
+    p.read_day(NAME, DAY)

@@ -133,7 +133,7 @@ def test_materialized_day_shows_its_metadata(webserver, db, table):
     assert mat["partition"] == DAY
     assert meta["rows"] == meta["dagster/partition_row_count"] == count > 0
     assert re.search(
-        rf"/date={DAY}/{table}-{DAY}-\d{{8}}T\d{{6}}Z-[0-9a-f]{{8}}\.csv\.gz$", meta["uri"]
+        rf"/date={DAY}/{table}-{DAY}-\d{{8}}T\d{{12}}Z-[0-9a-f]{{8}}\.csv\.gz$", meta["uri"]
     )
     for key in (
         "raw_bytes",

@@ -41,7 +41,13 @@ from pg_assets import __version__
 from pg_assets.core.compression import Codec
 from pg_assets.core.copy_stream import CopyStats, stream_copy
 from pg_assets.core.identifiers import QualifiedName
-from pg_assets.core.layout import PartitionPaths, daily_paths, new_version, table_folder
+from pg_assets.core.layout import (
+    PartitionPaths,
+    daily_paths,
+    new_version,
+    table_folder,
+    version_key,
+)
 from pg_assets.core.planner import (
     CatalogError,
     CopyPlan,
@@ -52,14 +58,14 @@ from pg_assets.core.planner import (
 )
 from pg_assets.core.publish import (
     advisory_lock,
+    commit_state,
     file_facts,
-    holds,
-    read_manifest,
+    read_manifest_at,
     snapshot_facts,
 )
 from pg_assets.core.session import PINNED_SETTINGS
 from pg_assets.core.verify import DayCount, content_hash_record, count_day
-from pg_assets.sinks.base import Published, Sink, StagingFile
+from pg_assets.sinks.base import PreconditionFailed, Published, Sink, StagingFile
 
 MANIFEST_VERSION = 2
 HISTORY_KEPT = 20
@@ -134,10 +140,17 @@ def _history(previous: dict[str, Any] | None) -> list[dict[str, Any]]:
 
 
 def _remove_superseded(
-    sink: Sink, paths: PartitionPaths, *, keep: str, previous: dict[str, Any] | None
+    sink: Sink,
+    paths: PartitionPaths,
+    version: str,
+    *,
+    keep: str,
+    previous: dict[str, Any] | None,
 ) -> tuple[tuple[str, ...], list[str]]:
-    """Delete every data file of the day but `keep`: older versions, other codecs, orphans of
-    failed runs. Returns what was removed and what could not be (with why)."""
+    """Delete the day's data files older than `version`: earlier versions, other codecs,
+    orphans of failed runs. Never a newer one: it belongs to a run that started after ours
+    and may be about to commit (only if ours lost its lock; its commit then fails, and it
+    takes its file back out itself). Returns what was removed and what could not be."""
     candidates: set[str] = set()
     problems: list[str] = []
     if previous and previous.get("file"):
@@ -149,6 +162,9 @@ def _remove_superseded(
     removed = []
     for rel in sorted(candidates):
         if rel == keep or not paths.is_data_file(rel):
+            continue
+        other = paths.version_of(rel)
+        if other is not None and version_key(other) > version_key(version):
             continue
         try:
             sink.delete(rel)
@@ -222,9 +238,15 @@ def _extract_locked(
     if info is None:
         with conn.transaction():
             info = describe_table(conn, table, column)
+    # What the commit will replace, read before our data file exists: the manifest is
+    # replaced only if it is still this one, so a run that lost the day's lock (its session
+    # died) can never overwrite a version another run committed meanwhile.
+    previous_at, previous = read_manifest_at(sink, paths.manifest)
     staging: StagingFile | None = None
-    data_rel = paths.data(new_version(), codec.extension)
+    version = new_version()
+    data_rel = paths.data(version, codec.extension)
     body: bytes | None = None
+    committed: bool | None = False  # None: could not tell
     try:
         staging = sink.open_staging(run_id, data_rel, codec.content_type)
         with conn.transaction():  # REPEATABLE READ, READ ONLY (the pool configures it)
@@ -244,7 +266,6 @@ def _extract_locked(
         # the snapshot is released: what follows waits on the lake only
         published = sink.publish(staging, data_rel, expected_size=stats.compressed_bytes)
         staging = None
-        previous = read_manifest(sink, paths.manifest)
         manifest = {
             "version": MANIFEST_VERSION,
             "pg_assets_version": __version__,
@@ -274,9 +295,27 @@ def _extract_locked(
         with conn.transaction():
             conn.execute("SELECT 1")  # still connected, so still holding the day's lock
         try:
-            sink.write_bytes(run_id, paths.manifest, body, "application/json")
+            sink.write_bytes(
+                run_id, paths.manifest, body, "application/json",
+                if_match=previous_at.etag if previous_at else None,
+                if_none_match=previous_at is None,
+            )  # fmt: skip
+            committed = True
+        except PreconditionFailed as e:
+            raise ExtractionError(
+                f"{where}: another run committed this partition while this one was publishing "
+                f"(this run's lock on the day was lost with its session), so this run's "
+                f"version is discarded: {e}"
+            ) from e
         except Exception as e:
-            if not holds(sink, paths.manifest, body):
+            committed = commit_state(sink, paths.manifest, body)
+            if committed is None:
+                raise ExtractionError(
+                    f"publishing the manifest of {where} failed and the lake could not be read "
+                    f"back to tell whether it happened ({e}); {data_rel} is kept, and the next "
+                    "run of the day settles which version stands"
+                ) from e
+            if not committed:
                 raise ExtractionError(
                     f"publishing the manifest of {where} failed, so the previous version stays "
                     f"published: {e}"
@@ -284,13 +323,15 @@ def _extract_locked(
     except BaseException:
         if staging is not None:
             sink.discard(staging)
-        if body is None or not holds(sink, paths.manifest, body):
+        if committed is False and body is not None:  # interrupted in the commit: look
+            committed = commit_state(sink, paths.manifest, body)
+        if committed is False:
             try:
                 sink.delete(data_rel)  # not committed: take the new data file back out
             except Exception:
                 pass  # an orphan without manifest; the next publish of the day removes it
         raise
-    removed, leftovers = _remove_superseded(sink, paths, keep=data_rel, previous=previous)
+    removed, leftovers = _remove_superseded(sink, paths, version, keep=data_rel, previous=previous)
     result = ExtractResult(stats, plan, info, published, manifest, previous, removed)
     if leftovers:
         raise LeftoverFilesError(

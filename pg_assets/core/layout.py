@@ -34,7 +34,7 @@ from pg_assets.core.identifiers import QualifiedName
 
 MANIFEST = "_manifest.json"
 _ENCODE = re.compile(r'[~%/\\.:=*?\[\]{}"<>|#\x00-\x1f\x7f]')
-_VERSION = re.compile(r"^\d{8}T\d{6}Z-[0-9a-f]{8}$")
+_VERSION = re.compile(r"^(\d{8}T\d{6})(\d{6})?Z-([0-9a-f]{8})$")
 
 
 def encode_segment(text: str) -> str:
@@ -55,9 +55,19 @@ def table_folder(source: str, table: QualifiedName) -> str:
 
 
 def new_version(now: dt.datetime | None = None) -> str:
-    """`YYYYMMDDTHHMMSSZ-<8 hex>`: sorts by extraction time, unique per extraction."""
+    """`YYYYMMDDTHHMMSSffffffZ-<8 hex>`: the extraction's start to the microsecond, then a
+    token; sorts by extraction time (`version_key`), unique per extraction."""
     now = now or dt.datetime.now(dt.UTC)
-    return f"{now:%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
+    return f"{now:%Y%m%dT%H%M%S%fZ}-{uuid.uuid4().hex[:8]}"
+
+
+def version_key(version: str) -> str:
+    """A key that orders versions by time (versions written before microseconds sort as
+    their second's start)."""
+    m = _VERSION.match(version)
+    if not m:
+        raise ValueError(f"not a data file version: {version!r}")
+    return f"{m.group(1)}{m.group(2) or '000000'}-{m.group(3)}"
 
 
 @dataclass(frozen=True)
@@ -73,6 +83,12 @@ class PartitionPaths:
 
     def data(self, version: str, extension: str) -> str:
         return f"{self.folder}/{self.stem}-{version}.csv{extension}"
+
+    def version_of(self, relpath: str) -> str | None:
+        """The version of one of this day's data files (None for layout v1's unversioned)."""
+        name = relpath.rpartition("/")[2]
+        version = name[len(self.stem) + 1 :].partition(".csv")[0]
+        return version if _VERSION.match(version) else None
 
     def is_data_file(self, relpath: str) -> bool:
         """A data file of this day, of any version or codec (layout v1's unversioned name too)."""

@@ -20,7 +20,7 @@ from psycopg import errors as pg_errors
 
 from pg_assets.core.compression import Codec
 from pg_assets.core.copy_stream import CopyStats
-from pg_assets.sinks.base import Published, Sink
+from pg_assets.sinks.base import FileInfo, Published, Sink
 
 FORMAT = "csv, header (PostgreSQL COPY)"
 
@@ -84,21 +84,40 @@ def advisory_lock(
 
 def read_manifest(sink: Sink, relpath: str) -> dict[str, Any] | None:
     """The manifest at `relpath`, or None if there is none (or it is not a manifest)."""
-    if sink.stat(relpath) is None:
-        return None
+    return read_manifest_at(sink, relpath)[1]
+
+
+def read_manifest_at(sink: Sink, relpath: str) -> tuple[FileInfo | None, dict[str, Any] | None]:
+    """The manifest at `relpath` with what the store reports for it (its etag is the
+    condition of the next commit), or (None, None) if there is none."""
+    info = sink.stat(relpath)
+    if info is None:
+        return None, None
     try:
         manifest = json.loads(sink.read_bytes(relpath))
+    except FileNotFoundError:
+        return None, None
     except ValueError:
+        return info, None
+    return info, manifest if isinstance(manifest, dict) else None
+
+
+def commit_state(sink: Sink, relpath: str, body: bytes) -> bool | None:
+    """After a failed commit of `body` to `relpath`: True if it happened all the same (a lost
+    response), False if surely not (missing, or other bytes there), None if the store could
+    not be read. "Could not tell" is never taken as "no": deleting the data of a commit that
+    did happen would leave a manifest naming a missing file."""
+    try:
+        return sink.read_bytes(relpath) == body
+    except FileNotFoundError:
+        return False
+    except Exception:
         return None
-    return manifest if isinstance(manifest, dict) else None
 
 
 def holds(sink: Sink, relpath: str, body: bytes) -> bool:
-    """Whether `relpath` holds exactly `body`: how a lost response is told from a failure."""
-    try:
-        return sink.read_bytes(relpath) == body
-    except Exception:
-        return False
+    """Whether `relpath` surely holds exactly `body`."""
+    return commit_state(sink, relpath, body) is True
 
 
 def snapshot_facts(conn: psycopg.Connection) -> dict[str, str]:

@@ -44,10 +44,12 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+from azure.core import MatchConditions
 from azure.core.exceptions import (
     AzureError,
     HttpResponseError,
     ResourceExistsError,
+    ResourceModifiedError,
     ResourceNotFoundError,
 )
 from azure.storage.filedatalake import (
@@ -66,6 +68,7 @@ from pg_assets.sinks.base import (
     Sink,
     SinkError,
     StagingFile,
+    precondition_failed,
     size_mismatch,
     staging_relpath,
 )
@@ -433,17 +436,32 @@ class AdlsSink(Sink):
                 raise
         self._dirs.add(folder)
 
-    def _rename(self, staging: _Uploader, relpath: str) -> None:
+    def _rename(
+        self, staging: _Uploader, relpath: str, if_match: str | None, if_none_match: bool
+    ) -> None:
         target = f"{self.location.filesystem}/{self._full(relpath)}"
+        condition: dict[str, Any] = {}
+        if if_match is not None:  # the destination's conditions, checked by the service
+            condition = {"etag": if_match, "match_condition": MatchConditions.IfNotModified}
+        elif if_none_match:
+            condition = {"match_condition": MatchConditions.IfMissing}
         self._call("rename", relpath, staging.client.rename_file, target,
-                   staged_at=staging.relpath)  # fmt: skip
+                   staged_at=staging.relpath, **condition)  # fmt: skip
 
     # -- Sink -------------------------------------------------------------------------------
 
     def open_staging(self, run_id: str, relpath: str, content_type: str) -> _Uploader:
         return _Uploader(self, staging_relpath(run_id, relpath), relpath, content_type)
 
-    def publish(self, staging: StagingFile, relpath: str, *, expected_size: int) -> Published:
+    def publish(
+        self,
+        staging: StagingFile,
+        relpath: str,
+        *,
+        expected_size: int,
+        if_match: str | None = None,
+        if_none_match: bool = False,
+    ) -> Published:
         assert isinstance(staging, _Uploader)
         staged = staging.close()
         if staged != expected_size:
@@ -453,17 +471,24 @@ class AdlsSink(Sink):
         held: FileInfo | None = None
         try:
             try:
-                self._rename(staging, relpath)
+                self._rename(staging, relpath, if_match, if_none_match)
             except AdlsError as e:
                 if _error_code(e) != _PARENT_MISSING:
                     raise
                 self._dirs.discard(_parent(relpath))  # deleted since we created it
                 self._ensure_dir(_parent(relpath))
-                self._rename(staging, relpath)
+                self._rename(staging, relpath, if_match, if_none_match)
         except AdlsError as e:
             # a lost response? The rename happened if the staging file is gone and the
             # destination holds exactly what was staged.
             if self._stat_or(e, staging.relpath) is not None:
+                if isinstance(e.__cause__, ResourceModifiedError | ResourceExistsError) and (
+                    if_match is not None or if_none_match
+                ):
+                    held = self.stat(relpath)
+                    raise precondition_failed(
+                        self._full(relpath), if_match, held.etag if held else None
+                    ) from e
                 raise  # the staging file is still there: nothing was published
             held = self._stat_or(e, relpath)
             if held is None or held.size != staged or held.content_md5 != staging.md5:

@@ -39,6 +39,11 @@ class SizeMismatch(SinkError):
     """The staged file does not hold the bytes the caller produced; nothing was published."""
 
 
+class PreconditionFailed(SinkError):
+    """A conditional publish found the destination changed since the caller read it (another
+    writer committed meanwhile); nothing was published."""
+
+
 class PublishUncertain(SinkError):
     """A publish or delete failed in a way that left its outcome unknown (the request may have
     been applied and the check of the store failed too); the caller must look at the store."""
@@ -56,7 +61,7 @@ class FileInfo:
     """What the store reports for one file."""
 
     size: int
-    etag: str | None = None  # ADLS only
+    etag: str | None = None  # ADLS: the service's; locally: inode, mtime and size
     content_md5: bytes | None = None  # ADLS: set by our flush; None locally
 
 
@@ -83,11 +88,25 @@ class Sink(ABC):
         """A new staging file that will be published onto `relpath`."""
 
     @abstractmethod
-    def publish(self, staging: StagingFile, relpath: str, *, expected_size: int) -> Published:
+    def publish(
+        self,
+        staging: StagingFile,
+        relpath: str,
+        *,
+        expected_size: int,
+        if_match: str | None = None,
+        if_none_match: bool = False,
+    ) -> Published:
         """Close `staging` if needed, check it holds exactly `expected_size` bytes (else raise
         `SizeMismatch`, publishing nothing), then atomically move it onto `relpath`,
         replacing what was there. Raises `SinkError` with the destination untouched, or
-        `PublishUncertain` when the outcome could not be established."""
+        `PublishUncertain` when the outcome could not be established.
+
+        Conditional, for commit points: with `if_match` only if the destination still has
+        that etag (`stat(relpath).etag`), with `if_none_match` only if there is none; else
+        `PreconditionFailed` and nothing is published. The check and the rename are one
+        operation (a conditional rename on ADLS, a lock around both locally), so a writer
+        that lost its lock can never overwrite what another writer committed since."""
 
     @abstractmethod
     def discard(self, staging: StagingFile) -> None:
@@ -117,15 +136,38 @@ class Sink(ABC):
     def uri(self, relpath: str) -> str:
         return f"{self.root_uri.rstrip('/')}/{relpath}"
 
-    def write_bytes(self, run_id: str, relpath: str, data: bytes, content_type: str) -> Published:
+    def write_bytes(
+        self,
+        run_id: str,
+        relpath: str,
+        data: bytes,
+        content_type: str,
+        *,
+        if_match: str | None = None,
+        if_none_match: bool = False,
+    ) -> Published:
         """Stage and publish a small file (manifests) with the same protocol as data."""
         staging = self.open_staging(run_id, relpath, content_type)
         try:
             staging.write(data)
-            return self.publish(staging, relpath, expected_size=len(data))
+            return self.publish(
+                staging, relpath, expected_size=len(data), if_match=if_match,
+                if_none_match=if_none_match,
+            )  # fmt: skip
         except BaseException:
             self.discard(staging)  # touches only the staging path, whatever happened
             raise
+
+
+def precondition_failed(
+    relpath: str, if_match: str | None, found: str | None
+) -> PreconditionFailed:
+    expected = f"etag {if_match}" if if_match else "no file"
+    now = f"etag {found}" if found else "no file"
+    return PreconditionFailed(
+        f"not publishing {relpath}: expected {expected} there, found {now} (another writer "
+        "committed it meanwhile); nothing was published"
+    )
 
 
 def size_mismatch(relpath: str, staging: str, staged: int, expected: int) -> SizeMismatch:

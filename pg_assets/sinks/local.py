@@ -11,10 +11,14 @@ number of bytes the caller produced.
 """
 
 import errno
+import fcntl
+import hashlib
 import os
 import stat
 import threading
+import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
@@ -26,9 +30,13 @@ from pg_assets.sinks.base import (
     Sink,
     SinkError,
     StagingFile,
+    precondition_failed,
     size_mismatch,
     staging_relpath,
 )
+
+LOCKS_DIR = "_locks"  # beside _staging; never read: one lock file per conditional target
+_CAS_WAIT_S = 30.0
 
 _LOCK_TIMEOUT_S = 30.0  # discard waits this long for a write in progress on another thread
 
@@ -110,10 +118,20 @@ def _makedirs_durable(path: Path) -> None:
         _fsync_dir(d.parent)
 
 
+def _token(st: os.stat_result) -> str:
+    """A local etag: a commit renames a new file into place, so inode and mtime change."""
+    return f'"{st.st_ino:x}-{st.st_mtime_ns:x}-{st.st_size:x}"'
+
+
 def _read_chunks(f: BinaryIO, chunk: int) -> Iterator[bytes]:
     with f:
         while data := f.read(chunk):
             yield data
+
+
+@contextmanager
+def _nothing() -> Iterator[None]:
+    yield
 
 
 class LocalSink(Sink):
@@ -138,17 +156,60 @@ class LocalSink(Sink):
         rel = staging_relpath(run_id, relpath)
         return LocalStagingFile(self._path(rel), rel)
 
-    def publish(self, staging: StagingFile, relpath: str, *, expected_size: int) -> Published:
+    @contextmanager
+    def _target_lock(self, relpath: str) -> Iterator[None]:
+        """An exclusive flock held around a conditional check-and-rename of `relpath`, so it is
+        one operation for every writer on this filesystem; waits at most _CAS_WAIT_S."""
+        locks = self.root / LOCKS_DIR
+        locks.mkdir(exist_ok=True)
+        name = hashlib.sha1(relpath.encode()).hexdigest()[:2]  # 256 stripes, not a file per target
+        fd = os.open(locks / name, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            deadline = time.monotonic() + _CAS_WAIT_S
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise SinkError(
+                            f"another writer held the commit lock of {relpath} for "
+                            f"{_CAS_WAIT_S:g} s"
+                        ) from None
+                    time.sleep(0.01)
+            yield
+        finally:
+            os.close(fd)  # releases the flock
+
+    def publish(
+        self,
+        staging: StagingFile,
+        relpath: str,
+        *,
+        expected_size: int,
+        if_match: str | None = None,
+        if_none_match: bool = False,
+    ) -> Published:
         assert isinstance(staging, LocalStagingFile)
         staged = staging.close()
         if staged != expected_size:
             raise size_mismatch(relpath, staging.relpath, staged, expected_size)
         target = self._path(relpath)
         _makedirs_durable(target.parent)
-        os.replace(staging.path, target)
-        _fsync_dir(target.parent)
+        conditional = if_match is not None or if_none_match
+        with self._target_lock(relpath) if conditional else _nothing():
+            if conditional:
+                held = self.stat(relpath)
+                found = held.etag if held else None
+                if (if_none_match and held is not None) or (
+                    if_match is not None and found != if_match
+                ):
+                    raise precondition_failed(relpath, if_match, found)
+            os.replace(staging.path, target)
+            _fsync_dir(target.parent)
+            etag = _token(target.stat())
         self._remove_staging_dir()
-        return Published(uri=self.uri(relpath), size=staged)
+        return Published(uri=self.uri(relpath), size=staged, etag=etag)
 
     def discard(self, staging: StagingFile) -> None:
         assert isinstance(staging, LocalStagingFile)
@@ -160,14 +221,19 @@ class LocalSink(Sink):
         self._remove_staging_dir()
 
     def delete(self, relpath: str) -> None:
-        self._path(relpath).unlink(missing_ok=True)
+        path = self._path(relpath)
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            return
+        _fsync_dir(path.parent)  # a removed superseded file must not come back after a crash
 
     def stat(self, relpath: str) -> FileInfo | None:
         try:
             st = self._path(relpath).stat()
         except (FileNotFoundError, NotADirectoryError):
             return None
-        return FileInfo(size=st.st_size) if stat.S_ISREG(st.st_mode) else None
+        return FileInfo(size=st.st_size, etag=_token(st)) if stat.S_ISREG(st.st_mode) else None
 
     def read_bytes(self, relpath: str) -> bytes:
         return self._path(relpath).read_bytes()
@@ -179,4 +245,9 @@ class LocalSink(Sink):
         base = self._path(prefix) if prefix else self.root
         if not base.exists():
             return []
-        return sorted(str(p.relative_to(self.root)) for p in base.rglob("*") if p.is_file())
+        return sorted(
+            rel
+            for p in base.rglob("*")
+            if p.is_file()
+            and not (rel := str(p.relative_to(self.root))).startswith(LOCKS_DIR + "/")
+        )
