@@ -60,6 +60,22 @@ PINNED_SETTINGS: dict[str, str] = {
 }
 
 
+# Not output settings, so neither checked nor recorded: a server-wide `idle_session_timeout`
+# would end the session that holds a day's lock while the day's upload runs, and the lock
+# with it.
+_SESSION_GUARDS: dict[str, str] = {"idle_session_timeout": "0"}
+
+# TCP settings that bound how long a silent network partition can stall a run (Linux's own
+# keepalive defaults would let libpq wait over two hours); any the conninfo sets win.
+NETWORK_DEFAULTS: dict[str, str] = {
+    "keepalives": "1",
+    "keepalives_idle": "30",
+    "keepalives_interval": "10",
+    "keepalives_count": "3",
+    "tcp_user_timeout": "60000",  # ms unacknowledged before the connection is given up
+}
+
+
 class MissingConninfoError(RuntimeError):
     pass
 
@@ -85,7 +101,7 @@ def _escape_option(value: str) -> str:
 
 def session_options(statement_timeout_s: float = 0, lock_timeout_s: float = 0) -> str:
     """The `-c name=value …` string for libpq's startup `options`."""
-    settings = dict(PINNED_SETTINGS)
+    settings = {**PINNED_SETTINGS, **_SESSION_GUARDS}
     if statement_timeout_s:
         settings["statement_timeout"] = str(int(statement_timeout_s * 1000))
     if lock_timeout_s:
@@ -121,7 +137,12 @@ def connect_kwargs(
     """
     options = session_options(statement_timeout_s, lock_timeout_s)
     user = _user_options(conninfo)
+    try:
+        given = psycopg.conninfo.conninfo_to_dict(conninfo)
+    except psycopg.ProgrammingError:
+        given = {}  # a malformed conninfo fails at connect with libpq's own message
     return {
+        **{k: v for k, v in NETWORK_DEFAULTS.items() if k not in given},
         "application_name": APPLICATION_NAME,
         "connect_timeout": max(1, int(connect_timeout_s)),
         "options": f"{user} {options}" if user else options,
