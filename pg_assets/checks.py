@@ -279,13 +279,25 @@ def day_check_evaluations(
     instance: DagsterInstance | None,
     selected: Collection[str] = CHECK_NAMES,
     info: TableInfo | None = None,
+    keep_going: bool = False,
 ) -> Iterator[AssetCheckEvaluation]:
     """The selected checks of each day, one evaluation per check and day, in day order.
 
-    A check that finds Bronze or PostgreSQL different fails its evaluation; a check that
+    A check that finds Bronze or PostgreSQL different fails its evaluation. A check that
     cannot run (PostgreSQL or the store unreachable) raises `Failure` naming the table and
-    day, after the evaluations of the days before it were yielded.
+    day, after the evaluations before it were yielded; with `keep_going` (the extraction
+    asset, whose day is already published) it fails its own evaluation saying why instead,
+    and the other checks still run.
     """
+
+    def cannot_run(name: str, day: dt.date, error: Exception) -> Iterator[AssetCheckEvaluation]:
+        if not keep_going:
+            raise error
+        yield evaluation(
+            checks, name, day.isoformat(), False, f"could not run: {error}", {},
+            instance=instance,
+        )  # fmt: skip
+
     for day in days:
         key = day.isoformat()
         where = checks.where(day)
@@ -293,7 +305,10 @@ def day_check_evaluations(
         try:
             manifest = read_manifest(sink, paths.manifest)
         except Exception as e:
-            raise Failure(f"{where}: reading the manifest {paths.manifest} failed: {e}") from e
+            error = Failure(f"{where}: reading the manifest {paths.manifest} failed: {e}")
+            for name in selected:
+                yield from cannot_run(name, day, error)
+            continue
         if manifest is None:
             for name in selected:
                 yield evaluation(
@@ -306,7 +321,8 @@ def day_check_evaluations(
             try:
                 yield _bronze_readable(checks, sink, paths.folder, key, manifest, instance)
             except Exception as e:  # the store itself failed us, not the file
-                raise Failure(f"{where}: reading {manifest.get('file')} back failed: {e}") from e
+                failure = Failure(f"{where}: reading {manifest.get('file')} back failed: {e}")
+                yield from cannot_run(BRONZE_READABLE, day, failure)
         if MATCHES_SOURCE in selected:
             try:
                 with postgres.connection() as conn:
@@ -315,11 +331,14 @@ def day_check_evaluations(
                             info = describe_table(conn, checks.table.name, checks.table.column)
                     yield _matches_source(checks, conn, info, day, manifest, instance)
             except CatalogError as e:
-                raise Failure(f"{where}: {e} (config key {e.key!r})") from None
-            except Failure:
-                raise
+                yield from cannot_run(
+                    MATCHES_SOURCE, day, Failure(f"{where}: {e} (config key {e.key!r})")
+                )
+            except Failure as e:
+                yield from cannot_run(MATCHES_SOURCE, day, e)
             except Exception as e:
-                raise Failure(f"{where}: counting the day in PostgreSQL failed: {e}") from e
+                failure = Failure(f"{where}: counting the day in PostgreSQL failed: {e}")
+                yield from cannot_run(MATCHES_SOURCE, day, failure)
         if SCHEMA_UNCHANGED in selected:
             yield _schema_unchanged(checks, sink, day, manifest, instance)
 

@@ -98,6 +98,11 @@ def test_a_failed_or_lost_step_leaves_one_consistent_version(
         assert "new version is published" in message
         if ends == "new+leftover":
             assert old_manifest["file"] in message
+        # the day IS committed: its materialization is recorded with the new version's facts
+        (mat,) = result.get_asset_materialization_events()
+        assert mat.materialization.partition == DAY.isoformat()
+        committed = json.loads(p.sink().read_bytes(daily_paths("test", NAME, DAY).manifest))
+        assert mat.materialization.metadata["sha256"].value == committed["sha256"]
         paths = daily_paths("test", NAME, DAY)
         manifest = json.loads(p.sink().read_bytes(paths.manifest))
         assert manifest["file"] != old_manifest["file"]
@@ -423,3 +428,23 @@ def test_a_commit_that_cannot_be_checked_deletes_nothing(orders, adls, project):
     assert f"{paths.folder}/{manifest['file']}" in p.sink().list_files(paths.folder)
     assert p.materialize(DAY.isoformat()).success  # the next run leaves one clean version
     p.read_day(NAME, DAY)
+
+
+def test_a_check_that_cannot_run_fails_its_evaluation_not_the_day(orders, adls, project):
+    """Reading the new file back fails (the store answers 503): the day is published and
+    materialized, the read-back check's evaluation fails saying it could not run."""
+    p = project([TABLE], bronze=adls_bronze(adls))
+    adls.faults.append(Fault("read", path=".csv.gz", status=503, code="ServerBusy", times=50))
+    result = p.materialize(DAY.isoformat())
+    adls.faults.clear()
+    assert result.success
+    (mat,) = result.get_asset_materialization_events()
+    assert mat.materialization.partition == DAY.isoformat()
+    evaluations = {
+        e.asset_check_evaluation_data.check_name: e.asset_check_evaluation_data
+        for e in result.all_events
+        if e.event_type_value == "ASSET_CHECK_EVALUATION"
+    }
+    readable = evaluations["bronze_readable"]
+    assert not readable.passed and "could not run" in readable.description
+    assert evaluations["matches_source"].passed
