@@ -5,6 +5,7 @@ import datetime as dt
 import hashlib
 import json
 import os
+import signal
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,6 +25,12 @@ from pg_assets.core.layout import daily_paths
 from pg_assets.sinks.base import Sink
 
 warnings.filterwarnings("ignore", module="platformdirs")
+
+# A background job (`bash .ci/run &`, nohup, some CI runners) starts with SIGINT ignored, and
+# then `_thread.interrupt_main()` — how the cancellation tests deliver what a run
+# termination delivers — does nothing. Tests run with Python's own handler.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 CONNINFO_ENV = "PG_ASSETS_TEST_CONNINFO"
 
