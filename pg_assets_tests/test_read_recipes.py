@@ -90,6 +90,17 @@ def test_duckdb_recipe(bronze, pg_conninfo, table, first, last):
     assert normal(rel.fetchall()) == expected(bronze, pg_conninfo, table, first, last)
 
 
+def test_duckdb_recipe_reads_a_year_of_files_in_bounded_memory(bronze):
+    """A year of day files through the recipe (the table's days, listed 60 times over: 360
+    files): DuckDB must not reserve a large line buffer per file."""
+    ns = load("duckdb")
+    days = days_of(ns, bronze, ORDERS, None, None)
+    (one,) = ns["read_duckdb"](days).aggregate("count(*)").fetchall()[0]
+    many = days * (360 // len(days))
+    (total,) = ns["read_duckdb"](many).aggregate("count(*)").fetchall()[0]
+    assert total == one * (360 // len(days))
+
+
 @pytest.mark.parametrize("table,first,last", SELECTIONS)
 def test_pyarrow_recipe(bronze, pg_conninfo, table, first, last):
     ns = load("pyarrow")
