@@ -434,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
                 lock_timeout_s=a.lock_timeout_s,
             )  # fmt: skip
     except CatalogError as e:
-        return fail(f"table {name}: {e}")
+        return fail(str(e))  # it names the table
     except (ExtractionError, psycopg.Error) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
