@@ -47,7 +47,9 @@ def test_missing_table_names_it(pg_conninfo, tmp_path):
     out = run(*BASE[:-1], str(tmp_path), "--table", "public.nope",
               env={**os.environ, "PG_ASSETS_CONNINFO": pg_conninfo})  # fmt: skip
     assert out.returncode == 2 and "Traceback" not in out.stderr
-    assert out.stderr == "error: table public.nope does not exist (or is not visible to this role)\n"
+    assert (
+        out.stderr == "error: table public.nope does not exist (or is not visible to this role)\n"
+    )
 
 
 def test_help_describes_every_option():
