@@ -9,6 +9,11 @@ replaces the previous version. `discard` removes a staging file after a failure.
 filesystem and ADLS Gen2 both have an atomic rename, so the same protocol gives the same
 guarantee on both.
 
+Staging files of a run that was killed (SIGKILL, a lost pod) stay in `_staging/`: nothing
+else ever names them. `sweep_staging` removes those older than an age no run could spend on
+one file, judged by the store's own last-modified time; a younger one may be another run's
+file in progress and is never touched.
+
 A request whose response is lost (the connection drops after the service applied it) is
 recognised by looking at what the store holds, not reported as a failure of something that
 succeeded: `publish` succeeds when the destination holds the staged bytes and the staging
@@ -133,6 +138,14 @@ class Sink(ABC):
     def list_files(self, prefix: str = "") -> list[str]:
         """Relative paths of every file under `prefix`, staging included."""
 
+    @abstractmethod
+    def sweep_staging(self, older_than_s: float) -> list[str]:
+        """Delete the staging files the store last modified more than `older_than_s` seconds
+        ago (leftovers of killed runs) and return their relative paths. A file without a
+        known time, or younger, is kept: another run may still be writing it. One listing of
+        `_staging/`; raises `SinkError` when the listing fails or, after trying every old
+        file, naming those that could not be deleted."""
+
     def uri(self, relpath: str) -> str:
         return f"{self.root_uri.rstrip('/')}/{relpath}"
 
@@ -157,6 +170,13 @@ class Sink(ABC):
         except BaseException:
             self.discard(staging)  # touches only the staging path, whatever happened
             raise
+
+
+def sweep_failed(removed: list[str], failed: list[str]) -> SinkError:
+    return SinkError(
+        f"removed {len(removed)} old staging file(s), but could not remove {len(failed)}: "
+        + "; ".join(failed)
+    )
 
 
 def precondition_failed(

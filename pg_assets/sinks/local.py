@@ -33,6 +33,7 @@ from pg_assets.sinks.base import (
     precondition_failed,
     size_mismatch,
     staging_relpath,
+    sweep_failed,
 )
 
 LOCKS_DIR = "_locks"  # beside _staging; never read: one lock file per conditional target
@@ -251,3 +252,32 @@ class LocalSink(Sink):
             if p.is_file()
             and not (rel := str(p.relative_to(self.root))).startswith(LOCKS_DIR + "/")
         )
+
+    def sweep_staging(self, older_than_s: float) -> list[str]:
+        staging = self.root / STAGING_DIR
+        cutoff = time.time() - older_than_s
+        removed: list[str] = []
+        failed: list[str] = []
+        try:
+            entries = list(os.scandir(staging))
+        except FileNotFoundError:
+            return removed
+        except OSError as e:
+            raise SinkError(f"could not list {staging} to sweep it: {e}") from e
+        for entry in sorted(entries, key=lambda e: e.name):
+            rel = f"{STAGING_DIR}/{entry.name}"
+            try:
+                st = entry.stat(follow_symlinks=False)
+                if not stat.S_ISREG(st.st_mode) or st.st_mtime >= cutoff:
+                    continue  # young: a run may be writing it (every write moves its mtime)
+                os.unlink(entry.path)
+            except FileNotFoundError:
+                continue  # published or discarded meanwhile
+            except OSError as e:
+                failed.append(f"{rel} ({e})")
+                continue
+            removed.append(rel)
+        self._remove_staging_dir()
+        if failed:
+            raise sweep_failed(removed, failed)
+        return removed
