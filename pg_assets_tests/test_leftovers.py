@@ -20,7 +20,13 @@ import time
 
 import psycopg
 import pytest
-from dagster import AssetCheckKey, AssetCheckSeverity, AssetSelection, materialize
+from dagster import (
+    AssetCheckKey,
+    AssetCheckSeverity,
+    AssetSelection,
+    build_sensor_context,
+    materialize,
+)
 from dagster._core.storage.tags import (
     ASSET_PARTITION_RANGE_END_TAG,
     ASSET_PARTITION_RANGE_START_TAG,
@@ -174,6 +180,70 @@ def test_the_file_of_a_run_still_publishing_is_not_a_leftover(orders, project, p
         assert "pg_assets run 0badf00d" in ev.description and "publishing" in ev.description
     ev = bronze_readable(p)
     assert not ev.passed and sink.uri(other) in ev.description
+
+
+TODAY = dt.datetime.now(dt.UTC).date()
+RECENT = [TODAY - dt.timedelta(days=2), TODAY - dt.timedelta(days=1)]  # in the sensor's window
+RECENT_NAME = QualifiedName("lo", "recent")
+
+
+def tick(p, cursor: str | None):
+    """One late-data sensor evaluation as the daemon performs it."""
+    repo = p.defs.get_repository_def()
+    (sensor,) = [s for s in p.defs.sensors if s.name.endswith("__late_data")]
+    with build_sensor_context(
+        instance=p.instance, cursor=cursor, repository_def=repo, sensor_name=sensor.name,
+        resources=dict(repo.get_top_level_resources()),
+    ) as context:  # fmt: skip
+        return sensor.evaluate_tick(context)
+
+
+@pytest.mark.parametrize("late_data", ["rematerialize", "warn"])
+def test_the_late_data_sensor_finds_leftovers_and_offers_the_cleanup(
+    project, pg_conninfo, db, late_data
+):
+    """A superseded version left in a recent day's folder: the sensor reports it once as a
+    failed bronze_readable (WARN) naming it, not while a run of the day holds its lock, and
+    (rematerialize) requests a run of the day, which removes it."""
+    with psycopg.connect(pg_conninfo, autocommit=True) as c:
+        c.execute("DROP TABLE IF EXISTS lo.recent CASCADE")
+        create_daily_partitioned(c, "lo", "recent", RECENT, 300)
+    table = {"table": "lo.recent", "partition_column": "order_date",
+             "start": RECENT[0].isoformat()}  # fmt: skip
+    p = project([table], checks={"late_data": late_data, "freshness_deadline": None})
+    for day in RECENT:
+        assert p.materialize(day.isoformat()).success
+    quiet = tick(p, None)
+    assert quiet.run_requests == [] and quiet.asset_events == []
+    sink = p.sink()
+    day = RECENT[1]
+    paths = daily_paths("test", RECENT_NAME, day)
+    (committed,) = [f for f in sink.list_files(paths.folder) if paths.is_data_file(f)]
+    old = paths.data("20260101T000000000000Z-0badf00d", ".gz")  # a version never removed
+    sink.write_bytes("killed", old, sink.read_bytes(committed), "application/gzip")
+    with psycopg.connect(pg_conninfo, autocommit=True) as run:  # a run of the day publishing
+        run.execute("SELECT pg_advisory_lock(hashtextextended(%s, 0))",
+                    (lock_key("test", RECENT_NAME, day),))  # fmt: skip
+        busy = tick(p, quiet.cursor)
+        assert busy.run_requests == [] and busy.asset_events == []
+    data = tick(p, busy.cursor)
+    (ev,) = data.asset_events
+    assert ev.check_name == "bronze_readable" and ev.partition == day.isoformat()
+    assert not ev.passed and ev.severity == AssetCheckSeverity.WARN
+    assert sink.uri(old) in ev.description and ev.metadata["other_files"].value == [sink.uri(old)]
+    again = tick(p, data.cursor)  # reported once, not at every tick
+    assert again.run_requests == [] and again.asset_events == []
+    if late_data == "warn":
+        assert data.run_requests == [] and "late_data: warn" in ev.description
+        return
+    (request,) = data.run_requests
+    assert request.partition_key == day.isoformat()
+    assert f"re-materialization of {day} requested" in ev.description
+    assert p.materialize(request.partition_key, tags=request.tags).success
+    p.read_day(RECENT_NAME, day)  # one data file: the leftover is gone
+    settled = tick(p, again.cursor)
+    assert settled.run_requests == [] and settled.asset_events == []
+    assert '"leftovers": {}' in settled.cursor
 
 
 # -- staging files of killed runs ---------------------------------------------------------

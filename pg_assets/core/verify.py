@@ -388,11 +388,16 @@ class Leftovers:
         return bool(self.files) and self.in_progress is None
 
 
-def other_files(sink: Any, folder: str, manifest: Mapping[str, Any] | None) -> list[str]:
+def unnamed(files: Iterable[str], folder: str, manifest: Mapping[str, Any] | None) -> list[str]:
+    """Of a day folder's `files`, those that are neither its manifest nor the file it names."""
     keep = {f"{folder}/{MANIFEST}"}
     if manifest is not None and (file := manifest_file(manifest)):
         keep.add(f"{folder}/{file}")
-    return [f for f in sink.list_files(folder) if f not in keep]
+    return [f for f in files if f not in keep]
+
+
+def other_files(sink: Any, folder: str, manifest: Mapping[str, Any] | None) -> list[str]:
+    return unnamed(sink.list_files(folder), folder, manifest)
 
 
 def find_leftovers(
