@@ -72,7 +72,6 @@ from pg_assets.sinks.base import (
     precondition_failed,
     size_mismatch,
     staging_relpath,
-    sweep_failed,
 )
 
 AUTH_MODES = ("connection_string", "account_key", "sas", "default_credential")
@@ -575,35 +574,24 @@ class AdlsSink(Sink):
 
         return self._call("list", prefix, listing)
 
-    def sweep_staging(self, older_than_s: float) -> list[str]:
+    def staging_files(self) -> list[tuple[str, float | None]]:
         # The service's Last-Modified: set at create and at each flush (ours flushes once, at
         # close), so a file's age here is at most the time since its run created it.
-        cutoff = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=older_than_s)
         strip = len(self.location.prefix) + 1 if self.location.prefix else 0
 
-        def listing() -> list[tuple[str, dt.datetime | None]]:
+        def when(modified: dt.datetime | None) -> float | None:
+            if modified is None:
+                return None
+            if modified.tzinfo is None:  # the SDK parses RFC 1123 dates as naive UTC
+                modified = modified.replace(tzinfo=dt.UTC)
+            return modified.timestamp()
+
+        def listing() -> list[tuple[str, float | None]]:
             try:
                 paths = self._fs.get_paths(path=self._full(STAGING_DIR), recursive=False)
-                return [(p.name[strip:], p.last_modified) for p in paths if not p.is_directory]
+                return [(p.name[strip:], when(p.last_modified)) for p in paths
+                        if not p.is_directory]  # fmt: skip
             except ResourceNotFoundError:
                 return []
 
-        removed: list[str] = []
-        failed: list[str] = []
-        for rel, modified in sorted(self._call("list", STAGING_DIR, listing)):
-            if modified is None:
-                continue  # no known age: keep it
-            if modified.tzinfo is None:
-                modified = modified.replace(tzinfo=dt.UTC)  # the SDK parses RFC 1123 as naive UTC
-            if modified >= cutoff:
-                continue  # young: a run may be writing it
-            try:
-                self.delete(rel)
-            except AdlsError as e:
-                failed.append(f"{self._full(rel)} ({e})")
-                continue
-            removed.append(rel)
-        self._remove_staging_dir()
-        if failed:
-            raise sweep_failed(removed, failed)
-        return removed
+        return self._call("list", STAGING_DIR, listing)

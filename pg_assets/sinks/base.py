@@ -21,6 +21,7 @@ file is gone, `delete` when the path is gone. When a sink cannot tell either way
 `PublishUncertain`, so a caller never mistakes "maybe" for "no".
 """
 
+import time
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
@@ -139,12 +140,39 @@ class Sink(ABC):
         """Relative paths of every file under `prefix`, staging included."""
 
     @abstractmethod
+    def staging_files(self) -> list[tuple[str, float | None]]:
+        """Every file in `_staging/` with the time the store last modified it (epoch
+        seconds; None if the store does not say), in one listing."""
+
+    @abstractmethod
+    def _remove_staging_dir(self) -> None:
+        """Remove `_staging` if it is empty; another writer's file keeps it."""
+
     def sweep_staging(self, older_than_s: float) -> list[str]:
         """Delete the staging files the store last modified more than `older_than_s` seconds
         ago (leftovers of killed runs) and return their relative paths. A file without a
         known time, or younger, is kept: another run may still be writing it. One listing of
         `_staging/`; raises `SinkError` when the listing fails or, after trying every old
         file, naming those that could not be deleted."""
+        cutoff = time.time() - older_than_s
+        removed: list[str] = []
+        failed: list[str] = []
+        for rel, modified in sorted(self.staging_files()):
+            if modified is None or modified >= cutoff:
+                continue  # young (or of unknown age): a run may be writing it
+            try:
+                self.delete(rel)  # a file published or discarded meanwhile is no error
+            except Exception as e:
+                failed.append(f"{rel} ({e})")
+                continue
+            removed.append(rel)
+        self._remove_staging_dir()
+        if failed:
+            raise SinkError(
+                f"removed {len(removed)} old staging file(s), but could not remove "
+                f"{len(failed)}: " + "; ".join(failed)
+            )
+        return removed
 
     def uri(self, relpath: str) -> str:
         return f"{self.root_uri.rstrip('/')}/{relpath}"
@@ -170,13 +198,6 @@ class Sink(ABC):
         except BaseException:
             self.discard(staging)  # touches only the staging path, whatever happened
             raise
-
-
-def sweep_failed(removed: list[str], failed: list[str]) -> SinkError:
-    return SinkError(
-        f"removed {len(removed)} old staging file(s), but could not remove {len(failed)}: "
-        + "; ".join(failed)
-    )
 
 
 def precondition_failed(

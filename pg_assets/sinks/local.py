@@ -33,7 +33,6 @@ from pg_assets.sinks.base import (
     precondition_failed,
     size_mismatch,
     staging_relpath,
-    sweep_failed,
 )
 
 LOCKS_DIR = "_locks"  # beside _staging; never read: one lock file per conditional target
@@ -253,31 +252,21 @@ class LocalSink(Sink):
             and not (rel := str(p.relative_to(self.root))).startswith(LOCKS_DIR + "/")
         )
 
-    def sweep_staging(self, older_than_s: float) -> list[str]:
+    def staging_files(self) -> list[tuple[str, float | None]]:
+        # every write moves a file's mtime: its age is the time since its writer last wrote
         staging = self.root / STAGING_DIR
-        cutoff = time.time() - older_than_s
-        removed: list[str] = []
-        failed: list[str] = []
+        found: list[tuple[str, float | None]] = []
         try:
             entries = list(os.scandir(staging))
         except FileNotFoundError:
-            return removed
+            return found
         except OSError as e:
-            raise SinkError(f"could not list {staging} to sweep it: {e}") from e
-        for entry in sorted(entries, key=lambda e: e.name):
-            rel = f"{STAGING_DIR}/{entry.name}"
+            raise SinkError(f"could not list {staging}: {e}") from e
+        for entry in entries:
             try:
                 st = entry.stat(follow_symlinks=False)
-                if not stat.S_ISREG(st.st_mode) or st.st_mtime >= cutoff:
-                    continue  # young: a run may be writing it (every write moves its mtime)
-                os.unlink(entry.path)
             except FileNotFoundError:
                 continue  # published or discarded meanwhile
-            except OSError as e:
-                failed.append(f"{rel} ({e})")
-                continue
-            removed.append(rel)
-        self._remove_staging_dir()
-        if failed:
-            raise sweep_failed(removed, failed)
-        return removed
+            if stat.S_ISREG(st.st_mode):
+                found.append((f"{STAGING_DIR}/{entry.name}", st.st_mtime))
+        return found
