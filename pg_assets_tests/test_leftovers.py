@@ -281,15 +281,19 @@ def test_a_daily_run_sweeps_old_staging_files_once(orders, project, request, whe
 # -- a reader racing a re-publish -----------------------------------------------------------
 
 
-def test_a_reader_reads_the_new_version_of_a_day_republished_while_it_reads(orders, project, db):
+@pytest.mark.parametrize("where", ["local", "adls"])
+def test_a_reader_reads_the_new_version_of_a_day_republished_while_it_reads(
+    orders, project, db, request, where
+):
     """The reader has listed the committed days (their manifests) when a late row arrives and
     the day is re-materialized, deleting the file the reader's manifest names: it reads the
     day's manifest again and returns the new version's rows."""
-    p = project([TABLE])
+    server = request.getfixturevalue("adls") if where == "adls" else None
+    p = project([TABLE], bronze=adls_bronze(server) if server else {})
     for day in DAYS:
         assert p.materialize(day.isoformat()).success
-    root = p.config.bronze.root
-    reader = read.read_batches(root, "test", "lo.orders")  # the days' manifests are read
+    sink = p.sink()
+    reader = read.read_batches(sink, "test", "lo.orders")  # the days' manifests are read
     insert_orders(db, NAME.identifier, DAY, 1, 9_000_000)
     try:
         assert p.materialize(DAY.isoformat()).success  # the old file of DAY is deleted
@@ -300,10 +304,10 @@ def test_a_reader_reads_the_new_version_of_a_day_republished_while_it_reads(orde
         assert {r["date"]: r["id_count"] for r in got} == rows
         assert 9_000_001 in table.column("id").to_pylist()
         # the file the new manifest names is gone too (deleted by hand): a clear error
-        reader = read.read_batches(root, "test", "lo.orders", start=DAY, end=DAY)
+        reader = read.read_batches(sink, "test", "lo.orders", start=DAY, end=DAY)
         assert p.materialize(DAY.isoformat()).success
-        (current,) = data_files(p.sink())
-        os.remove(p.sink().root / current)
+        (current,) = data_files(sink)
+        sink.delete(current)
         with pytest.raises(read.ReadError, match=f"table lo.orders, day {DAY}: .* is gone too"):
             reader.read_all()
     finally:
