@@ -5,7 +5,8 @@ Per table, three checks per day (partitioned checks: each result belongs to its 
 GraphQL and UI show check status per partition):
 
     bronze_readable    the day's file, read back from the sink, has the manifest's sha256 and
-                       row count (streamed; optional byte budget)
+                       row count (streamed; optional byte budget); warns naming any other
+                       file in the day folder (a killed run's leftover)
     matches_source     PostgreSQL's count(*) of the day (the current plan's relation and
                        bounds) equals the manifest's rows; optionally the content hash too
     schema_unchanged   the day's columns and types equal the previous day's (WARN on drift)
@@ -53,10 +54,11 @@ from dagster._core.definitions.asset_checks.asset_check_evaluation import (
 
 from pg_assets.catalog import ResolvedTable
 from pg_assets.config import ChecksConfig, ProjectConfig, TableConfig
+from pg_assets.core.extract import lock_key
 from pg_assets.core.layout import daily_paths
 from pg_assets.core.planner import CatalogError, TableInfo, describe_table, plan_day
-from pg_assets.core.publish import read_manifest
-from pg_assets.core.verify import count_day, read_back, schema_diff
+from pg_assets.core.publish import held_by, read_manifest
+from pg_assets.core.verify import Leftovers, count_day, find_leftovers, read_back, schema_diff
 from pg_assets.resources.bronze import BronzeResource
 from pg_assets.resources.postgres import PostgresResource
 from pg_assets.sinks.base import Sink
@@ -69,7 +71,10 @@ CHECK_NAMES = (BRONZE_READABLE, MATCHES_SOURCE, SCHEMA_UNCHANGED)
 _DESCRIPTIONS = {
     BRONZE_READABLE: "The day's published file, read back from Bronze (local or ADLS) and "
     "decompressed as a stream, has the sha256 and the number of CSV records its manifest "
-    "recorded. Fails naming the file and what is wrong (missing, truncated, corrupt).",
+    "recorded. Fails naming the file and what is wrong (missing, truncated, corrupt). Warns "
+    "naming any other file in the day folder (left by a run killed while publishing): glob "
+    "readers would read its rows too. To clean up, re-materialize the day (its publish removes "
+    "every older data file of the day) or delete the files named.",
     MATCHES_SOURCE: "PostgreSQL still holds as many rows for the day (count(*) on the relation "
     "and bounds the extraction reads) as Bronze does, and, with checks.content_hash, the same "
     "rows (an order-independent hash of every row). Fails with both counts: late or changed "
@@ -157,10 +162,62 @@ def evaluation(
     )
 
 
+def _day_lock_holder(postgres: PostgresResource, checks: DayChecks, day: dt.date) -> str | None:
+    with postgres.connection() as conn:
+        return held_by(conn, lock_key(checks.source, checks.table.name, day))
+
+
+def _leftovers(
+    checks: DayChecks, sink: Sink, day: dt.date, manifest: dict[str, Any], postgres: Any
+) -> tuple[Leftovers, str]:
+    """The day folder's other files, and a note when PostgreSQL could not say whether a run
+    of the day is in progress (they are reported all the same)."""
+    note: list[str] = []
+
+    def holder() -> str | None:
+        try:
+            return _day_lock_holder(postgres, checks, day)
+        except Exception as e:
+            note.append(f"could not ask PostgreSQL whether a run of the day is in progress: {e}")
+            return None
+
+    paths = daily_paths(checks.source, checks.table.name, day)
+    found = find_leftovers(sink, paths, manifest, holder)
+    return found, "".join(note)
+
+
+def _leftover_text(found: Leftovers, sink: Sink, note: str) -> str:
+    if found.in_progress is not None:
+        return (
+            f"; {len(found.files)} other file(s) in the day folder not checked: "
+            f"{found.in_progress} is publishing this day"
+        )
+    if not found.files:
+        return ""
+    names = ", ".join(sink.uri(f) for f in found.files)
+    foreign = len(found.files) - len(found.data_files)
+    text = (
+        f"; but the day folder also holds {len(found.files)} file(s) its manifest does not "
+        f"name, left by a run that was killed while publishing: {names}. Glob readers "
+        "(date=*/*.csv.gz) would read their rows too. Re-materialize the day to remove them "
+        "(its publish removes every older data file of the day)"
+    )
+    if foreign:
+        text += f"; {foreign} of them are not pg_assets data files: delete those by hand"
+    return text + (f" ({note})" if note else "")
+
+
 def _bronze_readable(
-    checks: DayChecks, sink: Sink, folder: str, day: str, manifest: dict[str, Any], instance: Any
+    checks: DayChecks,
+    sink: Sink,
+    folder: str,
+    day: str,
+    manifest: dict[str, Any],
+    instance: Any,
+    postgres: Any,
 ) -> AssetCheckEvaluation:
     r = read_back(sink, folder, manifest, byte_budget=checks.byte_budget)
+    found, note = _leftovers(checks, sink, dt.date.fromisoformat(day), manifest, postgres)
     meta: dict[str, Any] = {
         "file": MetadataValue.path(sink.uri(r.file)),
         "part_checked": MetadataValue.text(r.part_checked()),
@@ -177,7 +234,16 @@ def _bronze_readable(
         meta["rows_read_back"] = MetadataValue.int(r.rows)
     if r.problems:
         meta["problems"] = MetadataValue.json(r.problems)
-    return evaluation(checks, BRONZE_READABLE, day, r.ok, r.summary(), meta, instance=instance)
+    if found.files:
+        meta["other_files"] = MetadataValue.json([sink.uri(f) for f in found.files])
+    if found.in_progress is not None:
+        meta["publishing_now"] = MetadataValue.text(found.in_progress)
+    # A leftover warns: the day's committed file is intact and every reader that goes through
+    # the manifest reads it right; only glob readers are misled. A bad file fails (ERROR).
+    severity = AssetCheckSeverity.WARN if r.ok and found.flagged else AssetCheckSeverity.ERROR
+    text = r.summary() + _leftover_text(found, sink, note)
+    return evaluation(checks, BRONZE_READABLE, day, r.ok and not found.flagged, text, meta,
+                      instance=instance, severity=severity)  # fmt: skip
 
 
 def _matches_source(
@@ -319,7 +385,9 @@ def day_check_evaluations(
             continue
         if BRONZE_READABLE in selected:
             try:
-                yield _bronze_readable(checks, sink, paths.folder, key, manifest, instance)
+                yield _bronze_readable(
+                    checks, sink, paths.folder, key, manifest, instance, postgres
+                )
             except Exception as e:  # the store itself failed us, not the file
                 failure = Failure(f"{where}: reading {manifest.get('file')} back failed: {e}")
                 yield from cannot_run(BRONZE_READABLE, day, failure)

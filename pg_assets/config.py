@@ -68,6 +68,13 @@ class BronzeConfig(_Strict):
     codec: str = "gzip"
     level: int | None = None
     block_size_mib: float = Field(default=4, gt=0, le=100)
+    staging_max_age_h: float | None = Field(
+        default=24,
+        gt=0,
+        description="staging files (`_staging/`) the store last modified longer ago than this "
+        "are leftovers of killed runs and are removed at the start of each daily run; must "
+        "exceed the longest time one run spends writing one file (null: never sweep)",
+    )
     adls: AdlsSettings = AdlsSettings()
 
     @field_validator("codec")

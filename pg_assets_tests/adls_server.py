@@ -205,6 +205,12 @@ class AdlsTestServer:
     def files(self, filesystem: str) -> dict[str, bytes]:
         return {p: f.data for p, f in self.filesystems.get(filesystem, {}).items()}
 
+    def set_modified(self, filesystem: str, path: str, when: float) -> None:
+        """Make the service report `path` as last modified at `when` (epoch seconds): an
+        old file, as a killed run leaves one, without waiting for it to age."""
+        with self.lock:
+            self.filesystems[filesystem][path].modified = when
+
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         server = self
 
@@ -240,8 +246,10 @@ class AdlsTestServer:
             h.close_connection = True
 
     def _dispatch_locked(self, h, parts, q, op, fs, path, account, body) -> float | None:
+        # a listing names its folder in the query: record (and match faults on) that folder
+        target = f"{fs}/{q.get('directory', '')}" if op == "list" else f"{fs}/{path}"
         with self.lock:
-            self.requests.append((h.command, op, f"{fs}/{path}", len(body)))
+            self.requests.append((h.command, op, target, len(body)))
             self.max_body = max(self.max_body, len(body))
             dfs = op in _DFS_OPS
             if account != self.account:
@@ -255,7 +263,7 @@ class AdlsTestServer:
                 return self._error(h, 403, "AuthorizationPermissionMismatch", dfs)
             handler = getattr(self, f"_op_{op}", None)
             for f in self.faults:
-                if f.op == op and (f.path is None or f.path in f"{fs}/{path}"):
+                if f.op == op and (f.path is None or f.path in target):
                     f.seen += 1
                     if f.seen >= f.nth and f.times > 0:
                         f.times -= 1

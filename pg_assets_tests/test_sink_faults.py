@@ -6,6 +6,7 @@ or an exception) and the store holds exactly what that answer implies."""
 import hashlib
 import os
 import threading
+import time
 
 import pytest
 
@@ -198,6 +199,47 @@ def test_staging_folder_is_removed_only_when_empty(sink):
     staging.write(b"half")
     sink.discard(staging)
     assert sink.list_files() == ["d/a.json", "x/y.bin"]
+    if isinstance(sink, LocalSink):
+        assert not (sink.root / "_staging").exists()
+
+
+def age(sink, relpath: str, seconds: float) -> None:
+    """Make the store report `relpath` as last modified `seconds` ago."""
+    when = time.time() - seconds
+    if isinstance(sink, LocalSink):
+        os.utime(sink.root / relpath, (when, when))
+    else:
+        sink.server.set_modified("bronze", f"lake/{relpath}", when)
+
+
+def test_sweep_removes_staging_files_older_than_the_age_and_nothing_younger(sink):
+    """A killed run's staging files (one flushed, one created and never flushed) are removed
+    once older than the age; a file just under it, and one another run is writing right now,
+    stay, and that run still publishes."""
+    day = 24 * 3600
+    assert sink.sweep_staging(day) == []  # no _staging at all
+    killed = []
+    for name, flush in (("d/a.csv.gz", True), ("d/b.csv.gz", False)):
+        staging = sink.open_staging("killed-run", name, "application/gzip")
+        staging.write(b"x" * 1000)
+        if flush:
+            staging.close()
+        killed.append(staging.relpath)
+        age(sink, staging.relpath, day + 60)
+    recent = sink.open_staging("recent-run", "d/c.csv.gz", "application/gzip")
+    recent.write(b"y" * 1000)
+    recent.close()
+    age(sink, recent.relpath, day - 60)
+    writing = sink.open_staging("live-run", "d/d.csv.gz", "application/gzip")
+    writing.write(b"z" * 1000)
+    assert sorted(sink.sweep_staging(day)) == sorted(killed)
+    assert sorted(sink.list_files("_staging")) == sorted([recent.relpath, writing.relpath])
+    writing.write(b"z" * 1000)
+    assert sink.publish(writing, "d/d.csv.gz", expected_size=2000).size == 2000
+    assert sink.sweep_staging(day) == []
+    assert sink.list_files() == [recent.relpath, "d/d.csv.gz"]
+    assert sink.sweep_staging(60) == [recent.relpath]  # a shorter age takes it too
+    assert sink.list_files() == ["d/d.csv.gz"]
     if isinstance(sink, LocalSink):
         assert not (sink.root / "_staging").exists()
 

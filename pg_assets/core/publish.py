@@ -27,6 +27,11 @@ FORMAT = "csv, header (PostgreSQL COPY)"
 
 def lock_holder(conn: psycopg.Connection, key: str) -> str:
     """Who holds the advisory lock `key`, for an error message."""
+    return held_by(conn, key) or "another run"
+
+
+def held_by(conn: psycopg.Connection, key: str) -> str | None:
+    """Who holds the advisory lock `key` right now (a run in progress), or None."""
     with conn.transaction():
         row = conn.execute(
             """SELECT a.pid, a.application_name, a.backend_start
@@ -37,12 +42,10 @@ def lock_holder(conn: psycopg.Connection, key: str) -> str:
             (key,),
         ).fetchone()
     if row is None:
-        return "another run"
-    pid, app, since = row
-    return (
-        f"another run ({app or 'unnamed'}, PostgreSQL backend {pid}, "
-        f"connected {since:%Y-%m-%d %H:%M:%S%z})"
-    )
+        return None
+    pid, app, since = row  # another role's session may hide its name and start (NULL)
+    connected = f", connected {since:%Y-%m-%d %H:%M:%S%z}" if since else ""
+    return f"another run ({app or 'unnamed'}, PostgreSQL backend {pid}{connected})"
 
 
 @contextmanager

@@ -17,6 +17,11 @@ Three questions, each answered as cheaply as it can be answered exactly:
   partitions, `GROUP BY` the day in the table's time zone. It reads the parent, so it sees rows
   in any child and in the DEFAULT partition.
 
+- **Does the day folder hold anything else?** `find_leftovers` lists the folder: a run killed
+  between publishing its data file and committing the manifest, or between the commit and
+  removing the superseded version, leaves a second data file that glob readers would read too.
+  Files of a run still in progress (it holds the day's lock) are not leftovers.
+
 `schema_diff` compares the columns of two manifests.
 """
 
@@ -34,7 +39,9 @@ import psycopg
 from isal import isal_zlib
 from psycopg import sql
 
+from pg_assets.core.layout import MANIFEST, PartitionPaths
 from pg_assets.core.planner import CopyPlan, TableInfo, day_bounds
+from pg_assets.core.publish import read_manifest
 
 # Order-independent: a sum of per-row 64-bit hashes (as numeric, so it never overflows).
 # ROW(...)::text depends on the session settings that shape text output, which every
@@ -355,6 +362,67 @@ def read_back(
         r = ReadBack(file=rel, expected_bytes=expected, expected_rows=int(manifest["rows"]))
         r.problems.append("missing: the file disappeared while it was read")
         return r
+
+
+# -- Leftovers ------------------------------------------------------------------------------
+
+
+def manifest_file(manifest: Mapping[str, Any]) -> str | None:
+    """The name of the data file a manifest commits (layout v1 names it by URI only)."""
+    file = manifest.get("file")
+    if file is None and manifest.get("uri"):
+        file = str(manifest["uri"]).rsplit("/", 1)[-1]
+    return str(file) if file else None
+
+
+@dataclass(frozen=True)
+class Leftovers:
+    """Files of a day folder besides its manifest and the data file the manifest names."""
+
+    files: list[str]  # relative paths, left by runs that ended (flag them)
+    in_progress: str | None = None  # who holds the day's lock: `files` may be its own
+    data_files: list[str] = field(default_factory=list)  # of `files`: pg_assets data versions
+
+    @property
+    def flagged(self) -> bool:
+        return bool(self.files) and self.in_progress is None
+
+
+def unnamed(files: Iterable[str], folder: str, manifest: Mapping[str, Any] | None) -> list[str]:
+    """Of a day folder's `files`, those that are neither its manifest nor the file it names."""
+    keep = {f"{folder}/{MANIFEST}"}
+    if manifest is not None and (file := manifest_file(manifest)):
+        keep.add(f"{folder}/{file}")
+    return [f for f in files if f not in keep]
+
+
+def other_files(sink: Any, folder: str, manifest: Mapping[str, Any] | None) -> list[str]:
+    return unnamed(sink.list_files(folder), folder, manifest)
+
+
+def find_leftovers(
+    sink: Any,
+    paths: PartitionPaths,
+    manifest: Mapping[str, Any],
+    lock_holder: Callable[[], str | None],
+) -> Leftovers:
+    """The files of the day folder that `manifest` does not name and no run in progress owns.
+
+    A run publishes its data file before it commits the manifest, and removes the superseded
+    file after: while it holds the day's lock (`lock_holder()` says who, or None), a second
+    file is expected, not a leftover. Once no run holds it, the folder is listed again against
+    the manifest as it is then: only files present both times are reported (a run that ended
+    between the two listings took its own file away, or committed it)."""
+    first = other_files(sink, paths.folder, manifest)
+    if not first:
+        return Leftovers([])
+    holder = lock_holder()
+    if holder is not None:
+        return Leftovers(first, in_progress=holder)
+    current = read_manifest(sink, paths.manifest) or manifest  # read before listing again
+    again = set(other_files(sink, paths.folder, current))
+    files = [f for f in first if f in again]
+    return Leftovers(files, data_files=[f for f in files if paths.is_data_file(f)])
 
 
 # -- Counting in PostgreSQL -----------------------------------------------------------------

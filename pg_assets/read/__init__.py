@@ -33,8 +33,8 @@ from pg_assets.read.listing import (
     as_sink,
     check_digest,
     committed_days,
+    open_day,
     open_root,
-    read_chunks,
 )
 from pg_assets.read.types import (
     DATE_INFINITY,
@@ -135,8 +135,18 @@ def _read_day(
     verify: bool,
     block_size: int,
 ) -> Iterator[pa.RecordBatch]:
+    opened, chunks = open_day(sink, day)
+    if opened.columns != day.columns:
+        raise ReadError(
+            f"{opened.where}: republished with other columns while the table was read "
+            f"({[c['name'] for c in opened.columns]}, was {[c['name'] for c in day.columns]}); "
+            "read it again"
+        )
+    if opened is not day:
+        _check_session(opened)
+    day = opened
     names = [c["name"] for c in day.columns]
-    stream = DecompressedStream(read_chunks(sink, day.data), day.codec, day.where)
+    stream = DecompressedStream(chunks, day.codec, day.where)
     try:
         reader = pacsv.open_csv(stream, *_csv_options(names, block_size))
     except pa.ArrowInvalid as e:

@@ -4,6 +4,11 @@ A day is committed when `date=YYYY-MM-DD/_manifest.json` exists; its data is the
 manifest names (`file`), nothing else in the folder. A failed run can leave a data file with
 no manifest (or beside a manifest that names another file) until the next run of that day
 removes it, so a reader that globs data files can read rows that were never committed.
+
+A day can be republished while it is read (a late-data re-materialization): its commit
+deletes the superseded file right after replacing the manifest, so a manifest read a moment
+earlier may name a file that is gone. `open_day` then reads the day's manifest again and
+opens the file it names now, once; a day republished again meanwhile is a `ReadError`.
 """
 
 import datetime as dt
@@ -14,7 +19,6 @@ import re
 import zlib
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from pg_assets.core.identifiers import QualifiedName, parse_qualified_name
@@ -116,15 +120,16 @@ def committed_days(
         days.append(_committed(sink, name, day, rel))
     days.sort(key=lambda d: d.day)
     if verify:
-        for d in days:
-            verify_day(sink, d)
+        days = [verify_day(sink, d) for d in days]
     return days
 
 
-def _committed(sink: Sink, name: QualifiedName, day: dt.date, rel: str) -> CommittedDay:
+def _committed(sink: Sink, name: QualifiedName | str, day: dt.date, rel: str) -> CommittedDay:
     where = f"table {name}, day {day.isoformat()}"
     try:
         manifest = json.loads(sink.read_bytes(rel))
+    except FileNotFoundError:
+        raise ReadError(f"{where}: its manifest {rel} is gone (the day was deleted)") from None
     except ValueError as e:
         raise ReadError(f"{where}: manifest {rel} is not JSON: {e}") from None
     file = manifest.get("file")
@@ -138,31 +143,41 @@ def _committed(sink: Sink, name: QualifiedName, day: dt.date, rel: str) -> Commi
     return CommittedDay(str(name), day, data, sink.uri(data), manifest)
 
 
-def read_chunks(sink: Sink, relpath: str) -> Iterator[bytes]:
-    """The stored bytes of `relpath`, streamed in chunks where the sink can stream.
+def open_day(sink: Sink, day: CommittedDay) -> tuple[CommittedDay, Iterator[bytes]]:
+    """The day's data file, opened: the day as read from its manifest, or, if that file is
+    gone because the day was republished since, the day as its manifest says now (read once
+    more) with that version's file. Bounded: a second miss is a `ReadError` naming the day."""
+    try:
+        return day, sink.open_read(day.data)
+    except FileNotFoundError:
+        pass
+    manifest = f"{day.data.rsplit('/', 1)[0]}/{MANIFEST}"
+    fresh = _committed(sink, day.table, day.day, manifest)
+    where = f"table {day.table}, day {day.day.isoformat()}"
+    if fresh.data == day.data:
+        raise ReadError(
+            f"{where}: its manifest names {day.data}, which the store does not hold (deleted?)"
+        )
+    try:
+        return fresh, sink.open_read(fresh.data)
+    except FileNotFoundError:
+        raise ReadError(
+            f"{where}: its data file {day.data} was replaced while the table was read, and "
+            f"the file its manifest names now, {fresh.data}, is gone too (republished again "
+            "meanwhile, or deleted); read it again"
+        ) from None
 
-    `Sink.open_read` streams on every sink that has it; until then a local root is read from
-    its file in chunks, and any other sink (ADLS) through `read_bytes`, which holds one
-    compressed data file in memory."""
-    open_read = getattr(sink, "open_read", None)
-    if open_read is not None:
-        yield from open_read(relpath)
-        return
-    root = getattr(sink, "root", None)
-    if isinstance(root, Path):
-        with open(root / relpath, "rb") as f:
-            while chunk := f.read(CHUNK):
-                yield chunk
-        return
-    yield sink.read_bytes(relpath)
 
-
-def verify_day(sink: Sink, day: CommittedDay) -> None:
+def verify_day(sink: Sink, day: CommittedDay) -> CommittedDay:
+    """Check the day's data file against its manifest; returns the day as verified (its
+    current version, if it was republished since `day` was read)."""
+    day, chunks = open_day(sink, day)
     digest, size = hashlib.sha256(), 0
-    for chunk in read_chunks(sink, day.data):
+    for chunk in chunks:
         digest.update(chunk)
         size += len(chunk)
     check_digest(day, digest.hexdigest(), size)
+    return day
 
 
 def check_digest(day: CommittedDay, sha256: str, size: int) -> None:
@@ -242,6 +257,11 @@ class DecompressedStream(io.RawIOBase):
                 if isinstance(e, ReadError):
                     raise
                 raise ReadError(f"{self._where}: the compressed file is corrupt: {e}") from e
+            except FileNotFoundError as e:  # a stream in chunks (ADLS) lost its file
+                raise ReadError(
+                    f"{self._where}: the file was deleted while it was read (the day was "
+                    f"republished); read it again: {e}"
+                ) from e
             except Exception as e:
                 if type(e).__name__ == "ZstdError":
                     raise ReadError(f"{self._where}: the compressed file is corrupt: {e}") from e

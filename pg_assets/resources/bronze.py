@@ -56,6 +56,11 @@ class BronzeResource(ConfigurableResource):
     codec: str = "gzip"
     level: int | None = None
     block_size_mib: float = 4
+    staging_max_age_h: float | None = Field(
+        default=24,
+        description="Staging files older than this (hours, by the store's last-modified "
+        "time) are removed at the start of each daily run (null: never).",
+    )
     adls: AdlsSettings = AdlsSettings()
 
     @property

@@ -14,6 +14,13 @@ Once per interval (stopped by default; `checks.sensor_interval_s`), for one tabl
    contiguous days batched into ranged runs of at most the asset's
    `BackfillPolicy.max_partitions_per_run` days (one day per run without a policy).
 
+The same tick finds the files a killed run left in a day folder of the window (a second
+data file beside the one the manifest names, that glob readers would read too): each day's
+folder is listed instead of asking for its manifest's properties, so this costs no extra
+request. A day with such files (and no run of it in progress: nobody holds its lock) gets a
+failed `bronze_readable` (WARN) naming them, and with `rematerialize` a run of the day, whose
+publish removes every older data file of the day.
+
 The cursor remembers which state of which day was already reported (the manifest's sha256
 and the source's count and hash), so a day is reported and re-requested once per change, not
 once per tick. Days without a manifest are not late data (they were never extracted) and are
@@ -37,6 +44,7 @@ from zoneinfo import ZoneInfo
 
 from dagster import (
     AssetCheckEvaluation,
+    AssetCheckSeverity,
     AssetsDefinition,
     AssetSelection,
     DefaultSensorStatus,
@@ -55,12 +63,19 @@ from dagster._core.storage.tags import (
 from psycopg import errors as pg_errors
 
 from pg_assets.catalog import ResolvedTable
-from pg_assets.checks import MATCHES_SOURCE, DayChecks, day_checks_for, evaluation
+from pg_assets.checks import (
+    BRONZE_READABLE,
+    MATCHES_SOURCE,
+    DayChecks,
+    day_checks_for,
+    evaluation,
+)
 from pg_assets.config import ProjectConfig
-from pg_assets.core.layout import daily_paths
+from pg_assets.core.extract import lock_key
+from pg_assets.core.layout import PartitionPaths, daily_paths
 from pg_assets.core.planner import TableInfo, describe_table
-from pg_assets.core.publish import read_manifest
-from pg_assets.core.verify import DayCount, recount_window
+from pg_assets.core.publish import held_by
+from pg_assets.core.verify import DayCount, find_leftovers, recount_window, unnamed
 from pg_assets.resources.bronze import BronzeResource
 from pg_assets.resources.postgres import PostgresResource
 from pg_assets.sinks.base import Sink
@@ -114,20 +129,51 @@ class Change:
         return f"{self.manifest.get('sha256')}:{self.source.rows}:{self.source.content_hash}"
 
 
-def read_manifests(
-    sink: Sink, checks: DayChecks, first: dt.date, last: dt.date
-) -> dict[dt.date, dict[str, Any]]:
+@dataclass(frozen=True)
+class Folders:
+    """The window's committed days: each manifest, and the other files of its folder."""
+
+    manifests: dict[dt.date, dict[str, Any]]
+    others: dict[dt.date, list[str]]  # days whose folder holds files the manifest does not name
+
+
+def _read_folder(sink: Sink, paths: PartitionPaths) -> tuple[dict[str, Any] | None, list[str]]:
+    """One listing of the day folder, then its manifest if the listing holds one: two
+    requests for a committed day, as many as `stat` + read, and the folder's other files
+    come with them."""
+    files = sink.list_files(paths.folder)
+    if paths.manifest not in files:
+        return None, []
+    try:
+        manifest = json.loads(sink.read_bytes(paths.manifest))
+    except (FileNotFoundError, ValueError):  # deleted meanwhile, or not a manifest
+        return None, []
+    if not isinstance(manifest, dict):
+        return None, []
+    return manifest, unnamed(files, paths.folder, manifest)
+
+
+def read_folders(sink: Sink, checks: DayChecks, first: dt.date, last: dt.date) -> Folders:
     days = [first + dt.timedelta(days=n) for n in range((last - first).days + 1)]
 
-    def one(day: dt.date) -> dict[str, Any] | None:
-        return read_manifest(sink, daily_paths(checks.source, checks.table.name, day).manifest)
+    def one(day: dt.date) -> tuple[dict[str, Any] | None, list[str]]:
+        return _read_folder(sink, daily_paths(checks.source, checks.table.name, day))
 
     pool = ThreadPoolExecutor(MANIFEST_READERS, thread_name_prefix="pg_assets-manifest")
     try:
         found = list(pool.map(one, days, timeout=MANIFEST_TIMEOUT_S))
     finally:  # on a timeout, do not wait for stragglers (each is bounded by the sink's timeout)
         pool.shutdown(wait=False, cancel_futures=True)
-    return {d: m for d, m in zip(days, found, strict=True) if m is not None}
+    manifests = {d: m for d, (m, _) in zip(days, found, strict=True) if m is not None}
+    others = {d: o for d, (m, o) in zip(days, found, strict=True) if m is not None and o}
+    return Folders(manifests, others)
+
+
+def read_manifests(
+    sink: Sink, checks: DayChecks, first: dt.date, last: dt.date
+) -> dict[dt.date, dict[str, Any]]:
+    """The manifest of every committed day in [first, last]."""
+    return read_folders(sink, checks, first, last).manifests
 
 
 @dataclass(frozen=True)
@@ -229,6 +275,57 @@ def _evaluation(
     )
 
 
+def confirm_leftovers(
+    conn: Any, sink: Sink, checks: DayChecks, folders: Folders, log: Any
+) -> dict[dt.date, list[str]]:
+    """Of the days whose folder held other files, those where they are leftovers: no run of
+    the day holds its lock, and they are there again on a second look (`find_leftovers`).
+    Usually no day qualifies and this costs nothing; a failure is logged, not fatal."""
+    found: dict[dt.date, list[str]] = {}
+    for day in sorted(folders.others):
+        paths = daily_paths(checks.source, checks.table.name, day)
+        key = lock_key(checks.source, checks.table.name, day)
+        try:
+            left = find_leftovers(
+                sink, paths, folders.manifests[day], lambda key=key: held_by(conn, key)
+            )
+        except Exception as e:
+            log.warning(f"{checks.where(day)}: looking for files left by killed runs failed: {e}")
+            continue
+        if left.flagged:
+            found[day] = left.files
+    return found
+
+
+def _files_state(files: Sequence[str]) -> str:
+    return hashlib.sha256("\n".join(sorted(files)).encode()).hexdigest()[:16]
+
+
+def _leftover_evaluation(
+    checks: DayChecks,
+    sink: Sink,
+    day: dt.date,
+    files: list[str],
+    action: str,
+    sensor_name: str,
+    instance: Any,
+) -> AssetCheckEvaluation:
+    uris = [sink.uri(f) for f in files]
+    text = (
+        f"{checks.where(day)}: the day folder holds {len(files)} file(s) its manifest does not "
+        f"name, left by a run that was killed while publishing: {', '.join(uris)}. Glob readers "
+        f"(date=*/*.csv.gz) would read their rows too; {action} (re-materializing the day "
+        "removes them)"
+    )
+    meta = {
+        "other_files": MetadataValue.json(uris),
+        "detected_by": MetadataValue.text(f"sensor {sensor_name}"),
+        "action": MetadataValue.text(action),
+    }
+    return evaluation(checks, BRONZE_READABLE, day.isoformat(), False, text, meta,
+                      instance=instance, severity=AssetCheckSeverity.WARN)  # fmt: skip
+
+
 def _max_per_run(asset_def: AssetsDefinition) -> int | None:
     policy = asset_def.backfill_policy
     if policy is None:
@@ -254,8 +351,9 @@ def build_late_data_sensor(
         description=(
             f"Re-counts the last {cfg.window_days} closed days of {table.name} in PostgreSQL in "
             "one grouped query and compares them with their Bronze manifests; a day that "
-            "changed fails its matches_source check"
-            + (" and is re-materialized." if cfg.late_data == "rematerialize" else ".")
+            "changed fails its matches_source check, a day folder holding files a killed run "
+            "left fails bronze_readable (WARN)"
+            + (", and both are re-materialized." if cfg.late_data == "rematerialize" else ".")
         ),
     )
     def _late_data(
@@ -270,13 +368,15 @@ def build_late_data_sensor(
         where = f"table {table.name}, days {first}..{last}"
         try:
             sink = bronze.get_sink()
-            manifests = read_manifests(sink, checks, first, last)
+            folders = read_folders(sink, checks, first, last)
         except Exception as e:
             raise RuntimeError(f"{where}: reading the manifests from Bronze failed: {e}") from e
+        manifests = folders.manifests
         read_s = time.perf_counter() - started
         try:
             with postgres.connection() as conn:
                 recount = find_changes(conn, checks, manifests, first, last)
+                leftovers = confirm_leftovers(conn, sink, checks, folders, context.log)
         except Exception as e:
             raise RuntimeError(f"{where}: re-counting the days in PostgreSQL failed: {e}") from e
         changes = recount.changes
@@ -284,8 +384,9 @@ def build_late_data_sensor(
             context.log.warning(f"{where}: {recount.note}")
         took = time.perf_counter() - started
         summary = (
-            f"{where}: {len(manifests)} day(s) in Bronze, "
-            f"{len(changes)} changed (manifests {read_s:.2f} s, total {took:.2f} s)"
+            f"{where}: {len(manifests)} day(s) in Bronze, {len(changes)} changed, "
+            f"{len(leftovers)} with files left by killed runs (manifests {read_s:.2f} s, "
+            f"total {took:.2f} s)"
         )
         context.log.info(summary)
         cursor = json.loads(context.cursor) if context.cursor else {}
@@ -295,14 +396,23 @@ def build_late_data_sensor(
         new = [c for c in changes if reported.get(c.day.isoformat()) != c.state]
         for c in changes:
             reported[c.day.isoformat()] = c.state
-        next_cursor = json.dumps({"reported": reported}, sort_keys=True)
-        if not new:
+        # leftovers: reported once per set of files; a day cleaned up leaves the cursor
+        seen_left: dict[str, str] = cursor.get("leftovers", {})
+        left_now = {d.isoformat(): _files_state(f) for d, f in leftovers.items()}
+        new_left = {
+            d: f for d, f in leftovers.items() if seen_left.get(d.isoformat()) != _files_state(f)
+        }
+        next_cursor = json.dumps({"reported": reported, "leftovers": left_now}, sort_keys=True)
+        if not new and not new_left:
             return SensorResult(skip_reason=SkipReason(summary), cursor=next_cursor)
         run_requests = []
         actions: dict[dt.date, str] = {}
         if cfg.late_data == "rematerialize":
-            for lo, hi in day_ranges([c.day for c in new], max_per_run):
-                states = "|".join(c.state for c in new if lo <= c.day <= hi)
+            states_of = {c.day: c.state for c in new}
+            for d in new_left:
+                states_of[d] = states_of.get(d, "") + "|left:" + left_now[d.isoformat()]
+            for lo, hi in day_ranges(list(states_of), max_per_run):
+                states = "|".join(v for d, v in sorted(states_of.items()) if lo <= d <= hi)
                 digest = hashlib.sha256(states.encode()).hexdigest()[:16]
                 tags = {"pg_assets/trigger": "late_data"}
                 span = lo.isoformat() if lo == hi else f"{lo}...{hi}"
@@ -315,18 +425,16 @@ def build_late_data_sensor(
                     rr = RunRequest(run_key=f"late_data:{span}:{digest}", asset_selection=[key],
                                     tags=tags)  # fmt: skip
                 run_requests.append(rr)
-                for c in new:
-                    if lo <= c.day <= hi:
-                        actions[c.day] = f"re-materialization of {span} requested"
+                for d in states_of:
+                    if lo <= d <= hi:
+                        actions[d] = f"re-materialization of {span} requested"
+        warn = "late_data: warn, no run requested"
         events = [
-            _evaluation(
-                checks,
-                c,
-                actions.get(c.day, "late_data: warn, no run requested"),
-                name,
-                context.instance,
-            )  # fmt: skip
-            for c in new
+            _evaluation(checks, c, actions.get(c.day, warn), name, context.instance) for c in new
+        ]
+        events += [
+            _leftover_evaluation(checks, sink, d, f, actions.get(d, warn), name, context.instance)
+            for d, f in sorted(new_left.items())
         ]
         return SensorResult(run_requests=run_requests, asset_events=events, cursor=next_cursor)
 

@@ -34,6 +34,7 @@ appear in errors: messages name the account, filesystem and path, the status and
 service's error code, and are scrubbed of anything secret before they are raised.
 """
 
+import datetime as dt
 import hashlib
 import ipaddress
 import os
@@ -572,3 +573,25 @@ class AdlsSink(Sink):
                 return []
 
         return self._call("list", prefix, listing)
+
+    def staging_files(self) -> list[tuple[str, float | None]]:
+        # The service's Last-Modified: set at create and at each flush (ours flushes once, at
+        # close), so a file's age here is at most the time since its run created it.
+        strip = len(self.location.prefix) + 1 if self.location.prefix else 0
+
+        def when(modified: dt.datetime | None) -> float | None:
+            if modified is None:
+                return None
+            if modified.tzinfo is None:  # the SDK parses RFC 1123 dates as naive UTC
+                modified = modified.replace(tzinfo=dt.UTC)
+            return modified.timestamp()
+
+        def listing() -> list[tuple[str, float | None]]:
+            try:
+                paths = self._fs.get_paths(path=self._full(STAGING_DIR), recursive=False)
+                return [(p.name[strip:], when(p.last_modified)) for p in paths
+                        if not p.is_directory]  # fmt: skip
+            except ResourceNotFoundError:
+                return []
+
+        return self._call("list", STAGING_DIR, listing)

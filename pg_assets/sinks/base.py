@@ -9,6 +9,11 @@ replaces the previous version. `discard` removes a staging file after a failure.
 filesystem and ADLS Gen2 both have an atomic rename, so the same protocol gives the same
 guarantee on both.
 
+Staging files of a run that was killed (SIGKILL, a lost pod) stay in `_staging/`: nothing
+else ever names them. `sweep_staging` removes those older than an age no run could spend on
+one file, judged by the store's own last-modified time; a younger one may be another run's
+file in progress and is never touched.
+
 A request whose response is lost (the connection drops after the service applied it) is
 recognised by looking at what the store holds, not reported as a failure of something that
 succeeded: `publish` succeeds when the destination holds the staged bytes and the staging
@@ -16,6 +21,7 @@ file is gone, `delete` when the path is gone. When a sink cannot tell either way
 `PublishUncertain`, so a caller never mistakes "maybe" for "no".
 """
 
+import time
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
@@ -132,6 +138,41 @@ class Sink(ABC):
     @abstractmethod
     def list_files(self, prefix: str = "") -> list[str]:
         """Relative paths of every file under `prefix`, staging included."""
+
+    @abstractmethod
+    def staging_files(self) -> list[tuple[str, float | None]]:
+        """Every file in `_staging/` with the time the store last modified it (epoch
+        seconds; None if the store does not say), in one listing."""
+
+    @abstractmethod
+    def _remove_staging_dir(self) -> None:
+        """Remove `_staging` if it is empty; another writer's file keeps it."""
+
+    def sweep_staging(self, older_than_s: float) -> list[str]:
+        """Delete the staging files the store last modified more than `older_than_s` seconds
+        ago (leftovers of killed runs) and return their relative paths. A file without a
+        known time, or younger, is kept: another run may still be writing it. One listing of
+        `_staging/`; raises `SinkError` when the listing fails or, after trying every old
+        file, naming those that could not be deleted."""
+        cutoff = time.time() - older_than_s
+        removed: list[str] = []
+        failed: list[str] = []
+        for rel, modified in sorted(self.staging_files()):
+            if modified is None or modified >= cutoff:
+                continue  # young (or of unknown age): a run may be writing it
+            try:
+                self.delete(rel)  # a file published or discarded meanwhile is no error
+            except Exception as e:
+                failed.append(f"{rel} ({e})")
+                continue
+            removed.append(rel)
+        self._remove_staging_dir()
+        if failed:
+            raise SinkError(
+                f"removed {len(removed)} old staging file(s), but could not remove "
+                f"{len(failed)}: " + "; ".join(failed)
+            )
+        return removed
 
     def uri(self, relpath: str) -> str:
         return f"{self.root_uri.rstrip('/')}/{relpath}"

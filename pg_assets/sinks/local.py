@@ -251,3 +251,22 @@ class LocalSink(Sink):
             if p.is_file()
             and not (rel := str(p.relative_to(self.root))).startswith(LOCKS_DIR + "/")
         )
+
+    def staging_files(self) -> list[tuple[str, float | None]]:
+        # every write moves a file's mtime: its age is the time since its writer last wrote
+        staging = self.root / STAGING_DIR
+        found: list[tuple[str, float | None]] = []
+        try:
+            entries = list(os.scandir(staging))
+        except FileNotFoundError:
+            return found
+        except OSError as e:
+            raise SinkError(f"could not list {staging}: {e}") from e
+        for entry in entries:
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue  # published or discarded meanwhile
+            if stat.S_ISREG(st.st_mode):
+                found.append((f"{STAGING_DIR}/{entry.name}", st.st_mtime))
+        return found
