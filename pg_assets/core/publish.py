@@ -120,6 +120,16 @@ def holds(sink: Sink, relpath: str, body: bytes) -> bool:
     return commit_state(sink, relpath, body) is True
 
 
+def committed_by(sink: Sink, relpath: str) -> str:
+    """Who committed the manifest at `relpath`, for the error of a run whose create-only
+    commit found it there: "run <run_id>" (best effort: "another run" if it cannot be read)."""
+    try:
+        manifest = read_manifest(sink, relpath) or {}
+    except Exception:
+        return "another run"
+    return f"run {manifest['run_id']}" if manifest.get("run_id") else "another run"
+
+
 def snapshot_facts(conn: psycopg.Connection) -> dict[str, str]:
     """The transaction's exact snapshot, and a WAL position above every commit it sees."""
     row = conn.execute(
