@@ -42,7 +42,7 @@ from pg_assets_tests.cdc_support import (  # noqa: F401
 CHILD = r"""
 import os, re, sys, time
 path, mode = sys.argv[1], sys.argv[2]
-manifest = re.compile(r"/_cdc/[a-z0-9_]+/[0-9A-F]{16}-[0-9A-F]{16}\.json$")
+manifest = re.compile(r"/_cdc/[a-z0-9_]+/[0-9A-F]{16}\.json$")
 state = {"renamed": None, "paused": False}
 
 def pause():

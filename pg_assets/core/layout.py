@@ -170,13 +170,24 @@ def cdc_folder(source: str, table: QualifiedName) -> str:
 
 
 def cdc_change_file(
-    source: str, table: QualifiedName, start: int, end: int, part: int, extension: str
+    source: str,
+    table: QualifiedName,
+    start: int,
+    end: int,
+    token: str,
+    part: int,
+    extension: str,
 ) -> str:
-    """A batch's change file of one table: `<T>-<start>-<end>.csv<ext>`, `-<part>` appended
-    for the second and later files of the table in the batch (after a schema change)."""
+    """A batch's change file of one table: `<T>-<start>-<end>-<token>.csv<ext>`, `-<part>`
+    appended for the second and later files of the table in the batch (after a schema change).
+    `token` (8 hex digits) is the attempt's: two runs that read the same range of the slot (one
+    of them had lost the slot's lock) never write, nor delete, each other's files."""
     suffix = f"-{part}" if part else ""
     name = encode_segment(table.name)
-    return f"{cdc_folder(source, table)}/{name}-{_hex(start)}-{_hex(end)}{suffix}.csv{extension}"
+    return (
+        f"{cdc_folder(source, table)}/{name}-{_hex(start)}-{_hex(end)}-{token}{suffix}"
+        f".csv{extension}"
+    )
 
 
 def cdc_snapshot_file(source: str, table: QualifiedName, lsn: int, extension: str) -> str:
@@ -194,8 +205,10 @@ def cdc_journal(source: str, slot: str) -> str:
     return f"{source}/_cdc/{slot}"
 
 
-def cdc_batch_manifest(source: str, slot: str, start: int, end: int) -> str:
-    return f"{cdc_journal(source, slot)}/{_hex(start)}-{_hex(end)}.json"
+def cdc_batch_manifest(source: str, slot: str, start: int) -> str:
+    """The commit point of the batch that starts at slot position `start`: named by its start
+    alone and written create-only, so only one batch from a position can ever commit."""
+    return f"{cdc_journal(source, slot)}/{_hex(start)}.json"
 
 
 def cdc_head(source: str, slot: str) -> str:
