@@ -486,10 +486,12 @@ SELECT (SELECT c.oid FROM pg_catalog.pg_class c
     ),
 )
 
+# the relation itself, and its partitions: pg_partition_tree returns nothing for a plain table
 _STALE_SQL = """
 SELECT n.nspname, c.relname
 FROM unnest(%s::oid[]) r(oid)
-CROSS JOIN LATERAL pg_catalog.pg_partition_tree(r.oid) t
+CROSS JOIN LATERAL (SELECT r.oid AS relid
+                    UNION SELECT p.relid FROM pg_catalog.pg_partition_tree(r.oid) p) t
 JOIN pg_catalog.pg_class c ON c.oid = t.relid
 JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
 WHERE c.relfilenode <> 0
