@@ -138,7 +138,7 @@ def bench_batch(conninfo: str, psql: str, args: argparse.Namespace, work: Path) 
 
     def rerun(codec: str) -> tuple[BatchResult, float]:
         for ext in (".gz", ""):
-            sink.delete(paths.data(1, ext))
+            sink.delete(paths.data(1, 0, ext))
         sink.delete(paths.manifest(1))
         return batch(conninfo, spec, sink, codec)
 

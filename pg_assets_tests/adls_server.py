@@ -153,7 +153,8 @@ class Fault:
     - mode "fail": answer `status`/`code` without applying the operation;
     - mode "lost": apply the operation, then drop the connection without an answer (the
       client sees the connection closed: a lost response);
-    - mode "hang": neither apply nor answer for `delay` seconds, then drop the connection
+    - mode "hang": neither apply nor answer for `delay` seconds (or until `release` is set,
+      so a test can end the hang when its other steps are done), then drop the connection
       (a service that stops responding; the client's read timeout must end the wait).
     """
 
@@ -167,6 +168,7 @@ class Fault:
     delay: float = 30.0
     seen: int = 0
     hits: int = 0  # how many requests this fault took
+    release: threading.Event | None = None  # mode "hang": ends the hang early
 
 
 class AdlsTestServer:
@@ -241,11 +243,14 @@ class AdlsTestServer:
         path = segs[2] if len(segs) > 2 else ""
         op = self._op(h.command, q, h.headers, path)
         hang = self._dispatch_locked(h, parts, q, op, fs, path, account, body)
-        if hang:
-            time.sleep(hang)  # outside the lock: other requests go on
+        if isinstance(hang, Fault):  # outside the lock: other requests go on
+            if hang.release is not None:
+                hang.release.wait(hang.delay)
+            else:
+                time.sleep(hang.delay)
             h.close_connection = True
 
-    def _dispatch_locked(self, h, parts, q, op, fs, path, account, body) -> float | None:
+    def _dispatch_locked(self, h, parts, q, op, fs, path, account, body) -> "Fault | None":
         # a listing names its folder in the query: record (and match faults on) that folder
         target = f"{fs}/{q.get('directory', '')}" if op == "list" else f"{fs}/{path}"
         with self.lock:
@@ -271,12 +276,12 @@ class AdlsTestServer:
                         if f.mode == "fail":
                             return self._error(h, f.status, f.code, dfs)
                         if f.mode == "hang":
-                            return f.delay
+                            return f
                         return self._lose_response(h, handler, q, fs, path, body)
             if handler is None:
                 return self._error(h, 400, "UnsupportedOperation", dfs)
             handler(h, q, fs, path, body)
-        return 0
+        return None
 
     def _lose_response(self, h, handler, q, fs, path, body) -> None:
         """Apply the operation, then close the connection without sending its answer."""

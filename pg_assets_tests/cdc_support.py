@@ -294,7 +294,7 @@ class BronzeCdc:
     manifests: list[dict]  # every batch manifest of the slot, in LSN order
 
 
-_BATCH = re.compile(r"[0-9A-F]{16}-[0-9A-F]{16}\.json")
+_BATCH = re.compile(r"[0-9A-F]{16}\.json")
 
 
 def read_bronze_cdc(

@@ -9,6 +9,10 @@ Python audit hook (`sys.addaudithook`: the process pauses inside the real `os.re
 batch manifest, or inside the directory fsync that follows it), which the parent sees on the
 child's stdout before it kills it; nothing in pg_assets is replaced or told about the test. The
 advance is caught in `pg_stat_activity` while it runs.
+
+Two more faults, on ADLS: a run whose PostgreSQL session (and with it the slot's lock) is
+terminated while it commits, with a second run taking the lock and reading from the same slot
+position; and a commit whose outcome cannot be read back.
 """
 
 import json
@@ -17,6 +21,7 @@ import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import psycopg
@@ -26,7 +31,8 @@ from psycopg import sql
 from pg_assets.core.cdc import slot as cdc_slot
 from pg_assets.core.cdc.lsn import format_lsn
 from pg_assets.core.identifiers import QualifiedName
-from pg_assets.core.layout import cdc_folder, cdc_head, cdc_journal
+from pg_assets.core.layout import cdc_batch_manifest, cdc_folder, cdc_head, cdc_journal
+from pg_assets_tests.adls_server import Fault
 from pg_assets_tests.cdc_support import (  # noqa: F401
     Witness,
     assert_exactly_once,
@@ -38,11 +44,12 @@ from pg_assets_tests.cdc_support import (  # noqa: F401
     replay,
     wait_flushed,
 )
+from pg_assets_tests.conftest import adls_bronze
 
 CHILD = r"""
 import os, re, sys, time
 path, mode = sys.argv[1], sys.argv[2]
-manifest = re.compile(r"/_cdc/[a-z0-9_]+/[0-9A-F]{16}-[0-9A-F]{16}\.json$")
+manifest = re.compile(r"/_cdc/[a-z0-9_]+/[0-9A-F]{16}\.json$")
 state = {"renamed": None, "paused": False}
 
 def pause():
@@ -213,4 +220,157 @@ def test_kill_9_at_each_point_then_exactly_once(
             and head["committed"]["end_lsn"] == f"{health.confirmed_flush_lsn:016X}"
         )
     finally:
+        witness.drop(db)
+
+
+RUN = r"""
+import json, sys
+from dagster import DagsterInstance
+from pg_assets.build import build_definitions
+from pg_assets.config import load_config
+
+config = load_config(sys.argv[1])
+with DagsterInstance.ephemeral() as instance:
+    job = build_definitions(config).resolve_job_def(config.source + "__cdc")
+    result = job.execute_in_process(instance=instance, raise_on_error=False)
+failures = [e.step_failure_data.error.message for e in result.all_events
+            if e.event_type_value == "STEP_FAILURE"]
+print(json.dumps({"success": result.success, "failures": failures}), flush=True)
+"""
+
+
+def _orders_on_adls(db, s: str, slot: str, pub: str, project, adls):
+    t = sql.Identifier(s, "orders")
+    db.execute(sql.SQL("CREATE TABLE {} (id int PRIMARY KEY, v text, n int)").format(t))
+    db.execute(
+        sql.SQL("INSERT INTO {} SELECT g, md5(g::text), 0 FROM generate_series(1, 300) g")
+        .format(t)
+    )  # fmt: skip
+    proj = project(
+        [{"table": f"{s}.orders", "mode": "cdc"}],
+        source="shop",
+        cdc={"slot": slot, "publication": pub},
+        bronze=adls_bronze(adls),
+    )
+    assert _run_in_process(proj).success  # the snapshot
+    return t, proj
+
+
+def _exactly_once_and_replayed(db, sink, s: str, slot: str, witness: Witness) -> None:
+    """Every committed change exactly once, the chain of batches complete, no orphan, the replay
+    equal to the table, and the slot where the lake ends."""
+    table = QualifiedName(s, "orders")
+    bronze = read_bronze_cdc(sink, "shop", slot, table)
+    assert_exactly_once(bronze.changes, witness.counts(db, table))
+    recs = raw_records(pinned_copy(db, sql.SQL("SELECT * FROM {}").format(table.identifier)))
+    assert replay(bronze.snapshot, bronze.changes, ["id"]) == (
+        recs[0],
+        {(r[0],): r for r in recs[1:]},
+    )
+    head = json.loads(sink.read_bytes(cdc_head("shop", slot)))
+    health = cdc_slot.slot_health(db, slot)
+    assert health is not None
+    assert head["committed"]["end_lsn"] == f"{health.confirmed_flush_lsn:016X}"
+
+
+def test_a_run_that_lost_its_lock_cannot_commit_a_second_batch_from_its_start(
+    db,
+    cdc_env,  # noqa: F811
+    project,
+    adls,
+):
+    """Run A reads the batch from slot position S and, while its manifest's upload hangs, its
+    PostgreSQL session (the slot's lock) is terminated. Run B takes the lock, reads from S too
+    (the slot has not moved), more than A did, and commits. A's late commit must fail, and A
+    must not take B's files with it: every change once, the chain intact, no orphan."""
+    s, slot, pub = cdc_env
+    t, proj = _orders_on_adls(db, s, slot, pub, project, adls)
+    witness = Witness.create(db, f"{slot}_w")
+    a = None
+    release = threading.Event()
+    try:
+        _writes(db, t, 1000)
+        wait_flushed(db)
+        start = cdc_slot.slot_health(db, slot).confirmed_flush_lsn  # type: ignore[union-attr]
+        manifest = cdc_batch_manifest("shop", slot, start)
+        fault = Fault("rename", path=manifest, mode="hang", delay=300, times=1, release=release)
+        adls.faults.append(fault)
+        a = subprocess.Popen(
+            [sys.executable, "-c", RUN, str(proj.config.path)],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        )  # fmt: skip
+        deadline = time.monotonic() + 120
+        while fault.hits == 0:  # A is committing: its manifest's rename hangs
+            assert time.monotonic() < deadline and a.poll() is None, "A never reached its commit"
+            time.sleep(0.05)
+        (killed,) = db.execute(  # the session holding the slot's lock: A's
+            "SELECT count(pg_terminate_backend(a.pid)) FROM pg_stat_activity a"
+            " WHERE a.application_name LIKE 'pg_assets cdc %' AND EXISTS (SELECT FROM pg_locks l"
+            " WHERE l.pid = a.pid AND l.locktype = 'advisory' AND l.granted)"
+        ).fetchone()
+        assert killed == 1
+        _writes(db, t, 2000)  # B's batch holds more than A's
+        wait_flushed(db)
+        b = _run_in_process(proj)  # B: the slot's lock is free again
+        assert b.success
+        release.set()  # A's rename is answered by a dropped connection; A goes on
+        outcome_a = json.loads(a.communicate(timeout=180)[0].strip().splitlines()[-1])
+        assert not outcome_a["success"], "A committed a second batch from the same position"
+        assert (
+            f"run {b.run_id} committed the batch from {format_lsn(start)}"
+            in outcome_a["failures"][0]
+        )
+        sink = proj.sink()
+        assert json.loads(sink.read_bytes(manifest))["run_id"] == b.run_id
+        _exactly_once_and_replayed(db, sink, s, slot, witness)
+    finally:
+        release.set()
+        if a is not None and a.poll() is None:
+            a.kill()
+            a.communicate(timeout=30)
+        adls.faults.clear()
+        witness.drop(db)
+
+
+def test_a_commit_that_cannot_be_checked_deletes_nothing(
+    db,
+    cdc_env,  # noqa: F811
+    project,
+    adls,
+):
+    """The batch manifest's rename happens but its answer is lost, and reading the lake back
+    fails too: the run cannot tell whether it committed, so it must not delete the change files
+    a committed manifest may name; the next run finds the batch committed, advances the slot
+    and goes on."""
+    s, slot, pub = cdc_env
+    t, proj = _orders_on_adls(db, s, slot, pub, project, adls)
+    witness = Witness.create(db, f"{slot}_w")
+    try:
+        _writes(db, t, 1000)
+        wait_flushed(db)
+        start = cdc_slot.slot_health(db, slot).confirmed_flush_lsn  # type: ignore[union-attr]
+        manifest = cdc_batch_manifest("shop", slot, start)
+        adls.faults += [
+            Fault("rename", path=manifest, mode="lost", times=1),
+            # after the run's first look for a committed batch from S (nth=2): every check of
+            # the commit fails
+            Fault("props", nth=2, path=manifest, status=503, code="ServerBusy", times=20),
+            Fault("read", path=manifest, status=503, code="ServerBusy", times=20),
+        ]
+        result = _run_in_process(proj)
+        adls.faults.clear()
+        assert not result.success
+        (failure,) = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+        assert "could not be read back" in failure.step_failure_data.error.message
+        sink = proj.sink()
+        committed = json.loads(sink.read_bytes(manifest))  # it did commit
+        present = set(sink.list_files(cdc_folder("shop", QualifiedName(s, "orders"))))
+        assert committed["files"] and {f["path"] for f in committed["files"]} <= present
+        assert cdc_slot.slot_health(db, slot).confirmed_flush_lsn == start  # type: ignore[union-attr]
+        _writes(db, t, 2000)
+        wait_flushed(db)
+        assert _run_in_process(proj).success  # settles the batch, advances, reads the rest
+        _exactly_once_and_replayed(db, sink, s, slot, witness)
+    finally:
+        adls.faults.clear()
         witness.drop(db)

@@ -4,7 +4,9 @@ added later are snapshotted through a temporary slot; advance, health, lost slot
 checks `pg-assets check` runs, one line per problem."""
 
 import os
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import psycopg
 import pytest
@@ -13,7 +15,10 @@ from psycopg import IsolationLevel, sql
 from pg_assets.core.cdc import slot as cdc_slot
 from pg_assets.core.cdc.lsn import lsn_hex
 from pg_assets.core.cdc.reader import PINNED_SETTINGS, CdcError
+from pg_assets.core.cdc.snapshot import take_snapshots
+from pg_assets.core.compression import get_codec
 from pg_assets.core.identifiers import QualifiedName
+from pg_assets.sinks.local import LocalSink
 from pg_assets_tests.cdc_support import (  # noqa: F401
     Writer,
     cdc_env,
@@ -138,6 +143,70 @@ def test_a_table_added_later_is_snapshotted_through_a_temporary_slot(db, cdc_env
             changes.append(b"".join(b",".join(r) + b"\n" for r in [recs[0], *rows]))
     header, replayed = replay(snapshot, changes, ["id"])
     assert (header, replayed) == _final(db, later)
+
+
+@pytest.mark.parametrize(
+    "ddl",
+    ["TRUNCATE {}", "ALTER TABLE {} ALTER COLUMN n TYPE bigint"],
+    ids=["truncate", "rewrite"],
+)
+def test_a_table_truncated_after_the_exported_snapshot_is_refused(
+    db,
+    cdc_env,  # noqa: F811
+    pg_conninfo,
+    tmp_path,
+    ddl,
+):
+    """A TRUNCATE (or a rewriting ALTER TABLE) that commits after the slot's snapshot was
+    exported and before the snapshot's COPY would make the old snapshot read the table as
+    empty. Sequenced for real: the DDL takes its lock once the slot exists (the journal
+    callback holds the run there), the run then waits for that lock (seen in pg_locks), and
+    the DDL commits. The run must fail saying so, with nothing published; the next attempt
+    takes a correct snapshot."""
+    s, slot, pub = cdc_env
+    t = _make_table(db, s, "racy", rows=500)
+    table = QualifiedName(s, "racy")
+    cdc_slot.ensure_publication(db, pub, [table])
+    sink = LocalSink(tmp_path / "bronze")
+    at_consistent_point, go = threading.Event(), threading.Event()
+
+    def hold(lsn: int) -> None:  # the journal's record: the slot exists, nothing COPYed yet
+        at_consistent_point.set()
+        assert go.wait(60)
+
+    def snapshot(on_consistent_point):
+        return take_snapshots(
+            pg_conninfo, slot=slot, temporary=True, tables=[table], source="shop", sink=sink,
+            codec=get_codec("gzip"), level=1, run_id="race", block_size=1 << 16,
+            on_consistent_point=on_consistent_point, lock_timeout_s=60,
+        )  # fmt: skip
+
+    with ThreadPoolExecutor(1) as pool, psycopg.connect(pg_conninfo) as ddl_conn:
+        run = pool.submit(snapshot, hold)
+        assert at_consistent_point.wait(60)
+        ddl_conn.execute(sql.SQL(ddl).format(t))  # takes ACCESS EXCLUSIVE, not committed yet
+        go.set()
+        deadline = time.monotonic() + 60
+        while not db.execute(  # the snapshot's transaction waits for the DDL's lock
+            "SELECT EXISTS (SELECT FROM pg_locks WHERE relation = %s::regclass"
+            " AND mode = 'AccessShareLock' AND NOT granted)",
+            [f"{s}.racy"],
+        ).fetchone()[0]:  # type: ignore[index]
+            assert time.monotonic() < deadline and not run.done(), "the run never waited"
+            time.sleep(0.02)
+        ddl_conn.commit()
+        with pytest.raises(CdcError, match=r"cdc_\w+\.racy: it was truncated or rewritten"):
+            run.result(60)
+    assert [f for f in sink.list_files() if "/cdc/" in f] == []  # nothing published
+    db.execute(
+        sql.SQL("INSERT INTO {} SELECT g, 'after', 1 FROM generate_series(10001, 10007) g").format(
+            t
+        )
+    )
+    _, (again,) = snapshot(lambda lsn: None)
+    data = get_codec("gzip").decompress(sink.read_bytes(again.ref.file))
+    assert data == pinned_copy(db, sql.SQL("SELECT id, v, n FROM {}").format(t))
+    assert again.manifest["rows"] == (0 if ddl.startswith("TRUNCATE") else 500) + 7
 
 
 def test_advance_health_and_drop(db, cdc_env):  # noqa: F811

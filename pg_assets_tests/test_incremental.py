@@ -139,11 +139,11 @@ def read_batches(
     sink: Sink, config: ProjectConfig, index: int = 0
 ) -> list[tuple[dict[str, Any], bytes]]:
     """Every committed batch as a reader finds it: manifests in order, each describing the
-    data file beside it (size and sha256 checked), decompressed."""
+    data file beside it (size and sha256 checked), decompressed. Also what every ended run
+    must leave: no data file that no manifest names (a glob reader would read it)."""
     paths = incremental_paths(config.source, config.tables_of("incremental")[index].name)
-    numbers = sorted(
-        b for f in sink.list_files(paths.folder) if (b := paths.batch_of_manifest(f)) is not None
-    )
+    listed = sink.list_files(paths.folder)
+    numbers = sorted(b for f in listed if (b := paths.batch_of_manifest(f)) is not None)
     out = []
     for n in numbers:
         manifest = json.loads(sink.read_bytes(paths.manifest(n)))
@@ -152,6 +152,9 @@ def read_batches(
         assert hashlib.sha256(data).hexdigest() == manifest["sha256"]
         out.append((manifest, gzip.decompress(data)))
     assert [m["batch"] for m, _ in out] == list(range(len(out))), "batches skipped or repeated"
+    named = {f"{paths.folder}/{m['file']}" for m, _ in out}
+    orphans = [f for f in listed if paths.version_of(f) is not None and f not in named]
+    assert not orphans, f"data files no manifest names: {orphans}"
     return out
 
 
@@ -390,7 +393,8 @@ def test_without_visibility_of_other_sessions_a_time_cursor_needs_lookback(
 def test_state_lives_in_the_lake(db, inc, tmp_path):
     """A new Dagster instance (the old one wiped) continues from the lake's watermark; a batch
     whose manifest never landed (a crash before the commit point) is written again under the
-    same number; a codec change leaves one data file per batch."""
+    same number, as its next version, and the orphan is removed once it commits; a codec change
+    leaves one data file per batch."""
     create_table(db, "state")
     p = inc([{"table": "inc.state", "cursor": "updated_at"}])
     insert(db, "state", 1, 10)
@@ -409,7 +413,7 @@ def test_state_lives_in_the_lake(db, inc, tmp_path):
         paths = incremental_paths("test", p.config.tables[0].name)
         sink = q.sink()
         sink.delete(paths.manifest(2))
-        assert sink.stat(paths.data(2, ".gz")) is not None
+        assert sink.stat(paths.data(2, 0, ".gz")) is not None
         insert(db, "state", 31, 10)
         time.sleep(SETTLE_S)
         meta = materialized(q.materialize())
@@ -425,7 +429,8 @@ def test_state_lives_in_the_lake(db, inc, tmp_path):
     assert materialized(zp.materialize())["batch"] == 3  # type: ignore[index]
     files = [f for f in zp.sink().list_files(paths.folder) if not f.endswith(".json")]
     assert [f.rsplit("/", 1)[1] for f in files] == [
-        "state-000000.csv.gz", "state-000001.csv.gz", "state-000002.csv.gz", "state-000003.csv.zst"
+        "state-000000-0.csv.gz", "state-000001-0.csv.gz", "state-000002-1.csv.gz",
+        "state-000003-0.csv.zst",
     ]  # fmt: skip
 
 
@@ -707,7 +712,7 @@ def test_quoted_names_generated_columns_and_adls(db, inc, adls):
     assert b"2,5,10," in d1
     assert m0["table"] == '"Sales Dept"."Order.Lines"'
     assert m0["uri"].endswith(
-        "/lake/test/Sales Dept.Order~2ELines/incremental/Order~2ELines-000000.csv.gz"
+        "/lake/test/Sales Dept.Order~2ELines/incremental/Order~2ELines-000000-0.csv.gz"
     )
     assert [f for f in adls.files("bronze") if "_staging/" in f] == []
 

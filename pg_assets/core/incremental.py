@@ -4,13 +4,29 @@ An incremental table lands as numbered batches under `<source>/<S>.<T>/increment
 batch 0 is a full snapshot (`COPY` of the whole table), each later batch holds the rows whose
 cursor is in `(low, high]`, where `low` is the previous batch's `high` minus `lookback`. Each
 batch is one REPEATABLE READ, READ ONLY snapshot streamed through the same core as a daily
-partition (`stream_copy` → compressor → sink), published as `<T>-<batch:06d>.csv.gz` and
+partition (`stream_copy` → compressor → sink), published as `<T>-<batch:06d>-<n>.csv.gz` and
 committed by writing `<T>-<batch:06d>.json` last. No Dagster here.
 
 **State lives in the lake.** The next batch's number and `low` come from the newest batch
 manifest in Bronze, never from the orchestrator: wiping the Dagster instance changes nothing,
 a crash after a manifest neither loses nor repeats that batch, and a crash before it leaves an
-uncommitted data file that the rerun of the same batch number overwrites.
+uncommitted data file that the run committing the same batch number removes.
+
+**A batch commits once.** The table's advisory lock is held by a session; if that session
+dies (failover, `pg_terminate_backend`, `idle_session_timeout`) while the run publishes, another
+run takes the lock and writes the same batch number. So nothing relies on the lock alone:
+- the manifest is written create-only (`if_none_match`): of two runs that both read batch k,
+  one commits it and the other fails, naming the winner, and takes its own data file back;
+- each attempt's data file has its own name, `<T>-<batch:06d>-<n>.csv<ext>` with `n` the lowest
+  version free, also published create-only: an attempt never overwrites another's file, so a
+  loser can never replace the data a committed manifest names;
+- once its manifest is committed, a run deletes the batch's lower versions (and the other
+  codecs' up to its own): no manifest can ever name them any more, since the batch's manifest
+  exists and names another file. Finding them costs a few deletes by name, never a listing of
+  the folder, which grows by two files per batch forever. A higher version belongs to an
+  attempt that started after ours; it fails its commit and deletes its own file.
+- a commit whose outcome cannot be read back deletes nothing (the manifest may name the file):
+  the next run finds either the batch committed or its number free.
 
 **The commit-safe high watermark.** A row's cursor set by `now()` / `CURRENT_TIMESTAMP` (a
 column default, or `SET updated_at = now()`) holds its transaction's *start* time, and the row
@@ -78,13 +94,14 @@ from pg_assets.core.layout import IncrementalPaths, incremental_paths, table_fol
 from pg_assets.core.planner import COPY_OPTIONS, CatalogError, Column
 from pg_assets.core.publish import (
     advisory_lock,
+    commit_state,
+    committed_by,
     file_facts,
-    holds,
     read_manifest,
     snapshot_facts,
 )
 from pg_assets.core.session import PINNED_SETTINGS, check_session
-from pg_assets.sinks.base import Published, Sink, StagingFile
+from pg_assets.sinks.base import PreconditionFailed, Published, Sink, StagingFile
 
 CursorKind = Literal["timestamptz", "timestamp", "date", "integer"]
 _KINDS: dict[str, CursorKind] = {
@@ -114,6 +131,7 @@ _TEXT: dict[CursorKind, str] = {
 }
 MARGIN_S = 1.0  # see the module docstring, step 2
 LOCK_PREFIX = "pg_assets"
+MAX_VERSIONS = 100  # data files of one batch number before a run gives up (each is a kill)
 # Backends that never write user rows: their transactions (a long autovacuum) must not hold
 # the watermark back. Unknown types (extension workers) count, to be safe.
 _NON_WRITERS = (
@@ -663,6 +681,45 @@ def _lock_table(
         ) from None
 
 
+def _publish_data(
+    sink: Sink,
+    staging: StagingFile,
+    paths: IncrementalPaths,
+    batch: int,
+    extension: str,
+    size: int,
+    where: str,
+) -> tuple[str, int, Published]:
+    """Publish `staging` as the batch's lowest free version, create-only: (relpath, version,
+    what was published). Each taken version is one earlier attempt that did not take its file
+    back (a killed run) or one still running (a run that lost the lock)."""
+    for version in range(MAX_VERSIONS):
+        rel = paths.data(batch, version, extension)
+        try:
+            return rel, version, sink.publish(staging, rel, expected_size=size, if_none_match=True)
+        except PreconditionFailed:
+            continue
+    raise IncrementalError(
+        f"{where}: {MAX_VERSIONS} data files of this batch are already in {paths.folder} without "
+        "a manifest committing them; remove them (no manifest names them) and run again"
+    )
+
+
+def _remove_other_versions(
+    sink: Sink, paths: IncrementalPaths, batch: int, version: int, extension: str
+) -> None:
+    """After the batch's manifest committed our version: delete its lower versions, and the
+    other codecs' up to ours (a rerun after a codec change). No manifest can name them: the
+    batch's manifest exists and is create-only. Best effort: a file left over is never named by
+    a manifest, so readers that trust manifests never see it."""
+    for other in {c.extension for c in CODECS.values()}:
+        for v in range(version + (other != extension)):
+            try:
+                sink.delete(paths.data(batch, v, other))
+            except Exception:
+                pass
+
+
 def extract_batch(
     conn: psycopg.Connection,
     *,
@@ -721,10 +778,11 @@ def _extract_locked(
             f"{where}: cannot cap the watermark below open transactions ({cap.reason}); set "
             "'lookback' to cover the longest writing transaction (config key 'lookback')"
         )
-    data_rel = paths.data(batch, codec.extension)
     manifest_rel = paths.manifest(batch)
     staging: StagingFile | None = None
+    data_rel: str | None = None  # set once this run's data file is published: ours to delete
     body: bytes | None = None
+    committed: bool | None = False  # None: could not tell
     try:
         with conn.transaction():  # REPEATABLE READ, READ ONLY (the pool configures it)
             if info.relkind in ("r", "p", "v"):  # LOCK refuses materialized views
@@ -745,20 +803,18 @@ def _extract_locked(
             lag = _lag_seconds(conn, info.kind, newest_in_batch, spec.timezone)
             statement = batch_statement(info, bounds)
             select = batch_select(info, bounds)
-            staging = sink.open_staging(run_id, data_rel, codec.content_type)
+            staging = sink.open_staging(
+                run_id, paths.data(batch, 0, codec.extension), codec.content_type
+            )
             with conn.cursor() as cur:
                 stats = stream_copy(
                     cur, statement, staging, codec.compressor(level), block_size=block_size
                 )
             select_text = select.as_string(conn) if select is not None else None
         # the snapshot is released: what follows waits on the lake only
-        with conn.transaction():
-            conn.execute("SELECT 1")  # still connected, so still holding the table's lock
-        if sink.stat(manifest_rel) is not None:
-            raise IncrementalError(
-                f"{where}: another run committed this batch meanwhile; nothing was replaced"
-            )
-        published = sink.publish(staging, data_rel, expected_size=stats.compressed_bytes)
+        data_rel, version, published = _publish_data(
+            sink, staging, paths, batch, codec.extension, stats.compressed_bytes, where
+        )
         staging = None
         extracted_at = dt.datetime.now(dt.UTC)
         manifest = {
@@ -799,11 +855,27 @@ def _extract_locked(
         }
         body = json.dumps(manifest, indent=2).encode()
         with conn.transaction():
-            conn.execute("SELECT 1")
+            conn.execute("SELECT 1")  # still connected, so still holding the table's lock
         try:
-            sink.write_bytes(run_id, manifest_rel, body, "application/json")
+            # create-only: a run that lost the table's lock (its session died) and another
+            # that took it cannot both commit this batch number
+            sink.write_bytes(run_id, manifest_rel, body, "application/json", if_none_match=True)
+            committed = True
+        except PreconditionFailed as e:
+            raise IncrementalError(
+                f"{where}: {committed_by(sink, manifest_rel)} committed this batch while this run was publishing (this "
+                f"run's lock on the table was lost with its session), so this run's data file "
+                f"is discarded: {e}"
+            ) from e
         except Exception as e:
-            if not holds(sink, manifest_rel, body):
+            committed = commit_state(sink, manifest_rel, body)
+            if committed is None:
+                raise IncrementalError(
+                    f"publishing the manifest of {where} failed and the lake could not be read "
+                    f"back to tell whether it happened ({e}); {data_rel} is kept, and the next "
+                    f"run settles it (it finds batch {batch} committed, or writes it again)"
+                ) from e
+            if not committed:
                 raise IncrementalError(
                     f"publishing the manifest of {where} failed, so the batch is not committed "
                     f"(the next run writes batch {batch} again): {e}"
@@ -811,18 +883,15 @@ def _extract_locked(
     except BaseException:
         if staging is not None:
             sink.discard(staging)
-        if body is None or not holds(sink, manifest_rel, body):
+        if committed is False and body is not None:  # interrupted in the commit: look
+            committed = commit_state(sink, manifest_rel, body)
+        if committed is False and data_rel is not None:
             try:
-                if sink.stat(manifest_rel) is None:  # never take out someone else's batch
-                    sink.delete(data_rel)
+                sink.delete(data_rel)  # not committed: take our data file back out
             except Exception:
-                pass  # an uncommitted file; the rerun of this batch overwrites it
+                pass  # an orphan; the run that commits this batch removes it
         raise
-    for other in {c.extension for c in CODECS.values()} - {codec.extension}:
-        try:  # a crashed attempt of this batch number under another codec
-            sink.delete(paths.data(batch, other))
-        except Exception:
-            pass
+    _remove_other_versions(sink, paths, batch, version, codec.extension)
     return BatchResult(batch, stats, info, bounds, cap, published, manifest, previous)
 
 

@@ -2,11 +2,11 @@
 
     <root>/<source>/<S>.<T>/date=YYYY-MM-DD/<T>-YYYY-MM-DD-<version>.csv<ext>   data (immutable)
     <root>/<source>/<S>.<T>/date=YYYY-MM-DD/_manifest.json                      the commit point
-    <root>/<source>/<S>.<T>/incremental/<T>-<batch:06d>.csv<ext>                incremental batch
+    <root>/<source>/<S>.<T>/incremental/<T>-<batch:06d>-<n>.csv<ext>            incremental batch
     <root>/<source>/<S>.<T>/incremental/<T>-<batch:06d>.json                    its commit point
-    <root>/<source>/<S>.<T>/cdc/<T>-<start>-<end>[-<part>].csv<ext>            CDC change files
+    <root>/<source>/<S>.<T>/cdc/<T>-<start>-<end>-<token>[-<part>].csv<ext>    CDC change files
     <root>/<source>/<S>.<T>/cdc/<T>-snapshot-<lsn>.csv<ext> + .json             CDC snapshots
-    <root>/<source>/_cdc/<slot>/<start>-<end>.json                              CDC commit points
+    <root>/<source>/_cdc/<slot>/<start>.json                                    CDC commit points
     <root>/<source>/_cdc/<slot>/_head.json                                      CDC position cache
     <root>/_staging/<run_id>-<token>-<file>                                     never read
 
@@ -110,21 +110,33 @@ def daily_paths(source: str, table: QualifiedName, day: dt.date) -> PartitionPat
 
 
 _BATCH = re.compile(r"^(\d{6,})\.json$")
+_BATCH_DATA = re.compile(r"^(\d{6,})-(\d+)\.csv")
 
 
 @dataclass(frozen=True)
 class IncrementalPaths:
     """The folder of an incremental table's batches and the names inside it.
 
-    Names come from the batch number alone, so a rerun after a crash before the batch's
-    manifest rewrites the same files instead of adding new ones (see
-    `pg_assets.core.incremental`)."""
+    A batch's manifest is named after the batch number alone: it is the commit point, written
+    create-only, so a batch commits once. Its data file is `<T>-<batch:06d>-<n>.csv<ext>`, `n`
+    the lowest version no other attempt of the batch holds (published create-only too): an
+    attempt never overwrites another's file, and the few names an attempt could have used are
+    found without listing a folder that grows forever (see `pg_assets.core.incremental`)."""
 
     folder: str
-    stem: str  # `<T>`: every batch file is `<T>-<batch:06d>.<ext>`
+    stem: str  # `<T>`: every batch file starts with `<T>-<batch:06d>`
 
-    def data(self, batch: int, extension: str) -> str:
-        return f"{self.folder}/{self.stem}-{batch:06d}.csv{extension}"
+    def data(self, batch: int, version: int, extension: str) -> str:
+        return f"{self.folder}/{self.stem}-{batch:06d}-{version}.csv{extension}"
+
+    def version_of(self, relpath: str) -> tuple[int, int] | None:
+        """(batch, version) of a data file of this folder, else None (layout v1's unversioned
+        `<T>-<batch:06d>.csv<ext>` included)."""
+        folder, _, name = relpath.rpartition("/")
+        if folder != self.folder or not name.startswith(f"{self.stem}-"):
+            return None
+        m = _BATCH_DATA.match(name[len(self.stem) + 1 :])
+        return (int(m.group(1)), int(m.group(2))) if m else None
 
     def manifest(self, batch: int) -> str:
         return f"{self.folder}/{self.stem}-{batch:06d}.json"
@@ -158,13 +170,24 @@ def cdc_folder(source: str, table: QualifiedName) -> str:
 
 
 def cdc_change_file(
-    source: str, table: QualifiedName, start: int, end: int, part: int, extension: str
+    source: str,
+    table: QualifiedName,
+    start: int,
+    end: int,
+    token: str,
+    part: int,
+    extension: str,
 ) -> str:
-    """A batch's change file of one table: `<T>-<start>-<end>.csv<ext>`, `-<part>` appended
-    for the second and later files of the table in the batch (after a schema change)."""
+    """A batch's change file of one table: `<T>-<start>-<end>-<token>.csv<ext>`, `-<part>`
+    appended for the second and later files of the table in the batch (after a schema change).
+    `token` (8 hex digits) is the attempt's: two runs that read the same range of the slot (one
+    of them had lost the slot's lock) never write, nor delete, each other's files."""
     suffix = f"-{part}" if part else ""
     name = encode_segment(table.name)
-    return f"{cdc_folder(source, table)}/{name}-{_hex(start)}-{_hex(end)}{suffix}.csv{extension}"
+    return (
+        f"{cdc_folder(source, table)}/{name}-{_hex(start)}-{_hex(end)}-{token}{suffix}"
+        f".csv{extension}"
+    )
 
 
 def cdc_snapshot_file(source: str, table: QualifiedName, lsn: int, extension: str) -> str:
@@ -182,8 +205,10 @@ def cdc_journal(source: str, slot: str) -> str:
     return f"{source}/_cdc/{slot}"
 
 
-def cdc_batch_manifest(source: str, slot: str, start: int, end: int) -> str:
-    return f"{cdc_journal(source, slot)}/{_hex(start)}-{_hex(end)}.json"
+def cdc_batch_manifest(source: str, slot: str, start: int) -> str:
+    """The commit point of the batch that starts at slot position `start`: named by its start
+    alone and written create-only, so only one batch from a position can ever commit."""
+    return f"{cdc_journal(source, slot)}/{_hex(start)}.json"
 
 
 def cdc_head(source: str, slot: str) -> str:

@@ -486,10 +486,12 @@ SELECT (SELECT c.oid FROM pg_catalog.pg_class c
     ),
 )
 
+# the relation itself, and its partitions: pg_partition_tree returns nothing for a plain table
 _STALE_SQL = """
 SELECT n.nspname, c.relname
 FROM unnest(%s::oid[]) r(oid)
-CROSS JOIN LATERAL pg_catalog.pg_partition_tree(r.oid) t
+CROSS JOIN LATERAL (SELECT r.oid AS relid
+                    UNION SELECT p.relid FROM pg_catalog.pg_partition_tree(r.oid) p) t
 JOIN pg_catalog.pg_class c ON c.oid = t.relid
 JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
 WHERE c.relfilenode <> 0
@@ -627,22 +629,30 @@ def lock_plan(
         return new
 
 
-def _check_not_rewritten(cur: psycopg.Cursor[Any], targets: Sequence[_Target], where: str) -> None:
-    """Relations locked after the snapshot: TRUNCATE and table rewrites are not MVCC-safe, so
-    one committed between our snapshot and our lock would make the data look empty. It shows
-    as a relfilenode that differs between our snapshot's pg_class and the current catalog."""
+def rewritten_since_snapshot(
+    cur: psycopg.Cursor[Any], names: Sequence[QualifiedName]
+) -> QualifiedName | None:
+    """The first of `names` (or of their partitions) truncated or rewritten after this
+    transaction's snapshot, or None. For relations locked after the snapshot was taken:
+    TRUNCATE and table rewrites are not MVCC-safe, so one committed between the snapshot and
+    the lock would make the data look empty. It shows as a relfilenode that differs between
+    the snapshot's pg_class and the current catalog (which the lock made current)."""
     oids = [
         r[0]
         for r in cur.execute(
             "SELECT c.oid FROM pg_catalog.pg_class c"
             " JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace"
             " WHERE (n.nspname, c.relname) IN (SELECT * FROM unnest(%s::text[], %s::text[]))",
-            ([t.name.schema for t in targets], [t.name.name for t in targets]),
+            ([n.schema for n in names], [n.name for n in names]),
         ).fetchall()
     ]
     stale = cur.execute(_STALE_SQL, (oids,)).fetchone()
-    if stale:
-        relation = QualifiedName(stale[0], stale[1])
+    return QualifiedName(stale[0], stale[1]) if stale else None
+
+
+def _check_not_rewritten(cur: psycopg.Cursor[Any], targets: Sequence[_Target], where: str) -> None:
+    relation = rewritten_since_snapshot(cur, [t.name for t in targets])
+    if relation is not None:
         raise ConcurrentChangeError(
             f"{where}: {relation} was truncated or rewritten while the day was being planned; "
             "nothing was read, retry",

@@ -4,8 +4,9 @@
   batch, the source's slot) taken with a bounded wait; the loser's error names the holder.
   Session-level, not transaction-level, because the lock must outlive the read transaction
   (which ends with the COPY) until the manifest is committed.
-- **The manifest is the commit point**, and a lost response is told from a failure by
-  reading back what the store holds (`holds`).
+- **The manifest is the commit point**, written as a compare-and-swap (replace only the
+  version read, or create only), and a lost response is told from a failure by reading back
+  what the store holds (`commit_state`: yes, no, or could not tell — never taken as no).
 - **Every manifest states the same facts about its file** (`file_facts`), so checks and
   readers treat all three kinds alike.
 """
@@ -118,9 +119,14 @@ def commit_state(sink: Sink, relpath: str, body: bytes) -> bool | None:
         return None
 
 
-def holds(sink: Sink, relpath: str, body: bytes) -> bool:
-    """Whether `relpath` surely holds exactly `body`."""
-    return commit_state(sink, relpath, body) is True
+def committed_by(sink: Sink, relpath: str) -> str:
+    """Who committed the manifest at `relpath`, for the error of a run whose create-only
+    commit found it there: "run <run_id>" (best effort: "another run" if it cannot be read)."""
+    try:
+        manifest = read_manifest(sink, relpath) or {}
+    except Exception:
+        return "another run"
+    return f"run {manifest['run_id']}" if manifest.get("run_id") else "another run"
 
 
 def snapshot_facts(conn: psycopg.Connection) -> dict[str, str]:

@@ -106,6 +106,8 @@ def cmd_cdc(args: argparse.Namespace) -> int:
             print(f"Bronze: last batch {head.committed.manifest}")
         if head.pending:
             print(f"Bronze: a {head.pending.kind} of run {head.pending.run_id} is pending")
+        for p in head.unsettled:
+            print(f"Bronze: {len(p.files)} file(s) of a {p.kind} of {p.who} await settling")
         for t in config.tables_of("cdc"):
             ref = head.snapshots.get(t.name)
             where = f"snapshot at {format_lsn(ref.lsn)}" if ref else "no snapshot yet"

@@ -2,24 +2,48 @@
 
 A batch covers the slot's stream from its position S (confirmed_flush_lsn when read) to E, the
 end of the last commit record read: every transaction that committed in between, whole. Its
-files and its manifest are named after (S, E), and the manifest is the commit point:
+change files are named after (S, E) and the attempt's token; its manifest, the commit point,
+after S alone:
 
     1. read (peek: the slot does not move) into staging files           crash: nothing visible
     2. record the batch as pending in `_cdc/<slot>/_head.json`           crash: nothing visible
     3. publish each change file under its final name                     crash: orphans, listed
-    4. publish `_cdc/<slot>/<S>-<E>.json`        ← THE COMMIT POINT        in the pending record
+    4. publish `_cdc/<slot>/<S>.json`, create-only  ← THE COMMIT POINT     in the pending record
     5. advance the slot to E (pg_replication_slot_advance)               crash: lake ahead
     6. the head records the batch as committed (lazily: with the next pending record)
 
-On the next run (`Journal.load`): a pending batch whose manifest exists is committed, one
-without is rolled back (its files deleted); then, if the lake's last batch ends beyond the slot
-(a crash between 4 and 5, or a server crash that forgot an advance), the slot is advanced
-there before anything is read. The slot never moves before the lake holds the changes, and
-the lake never commits a range twice: the slot's position is the start of the next batch, and
-a rerun of a batch that was not committed reads the same transactions again.
+**One batch per start.** The slot's advisory lock belongs to the run's PostgreSQL session. If
+that session dies (failover, `pg_terminate_backend`, `idle_session_timeout`) while the run
+publishes, another run takes the lock and reads from the same S, since the slot did not move:
+two batches S-E and S-E' would put every change of S-E in Bronze twice. The commit point is
+therefore named by S alone and written create-only (a conditional rename on ADLS, a lock
+around check and rename locally): whichever run commits first owns S; the other's commit
+fails, and it deletes its own change files (named with its own token, so never the winner's)
+and fails naming the winner. Slot positions are only ever a slot's creation point or the end
+of a committed batch, so the committed batches form one chain, each starting where the one
+before ended, and `Journal.catch_up` follows it from what the head knows: `<end>.json`,
+until one is missing.
 
-The head is a cache, not a commit point: it saves listing the journal and the table folders,
-which grow forever, on every run. A missing head is rebuilt from listings (`rebuild_head`).
+**The head is a cache, never a commit point**, and is only written as a compare-and-swap on
+the etag this run last read or wrote: a run that lost its lock fails at its next write of the
+head instead of overwriting what the lock's new holder recorded. It saves listing the journal
+and the table folders, which grow forever, on every run; a missing head is rebuilt from
+listings (`rebuild_head`).
+
+**What a later run may delete.** A file is deleted only when no committed manifest names it
+and none ever can (`Journal.load`, `settle`):
+  - a pending batch from S whose `<S>.json` exists and does not list it: S is taken, no other
+    batch from S can commit. If `<S>.json` is missing, the run that recorded it may be alive
+    (it lost its lock, but not its process) and about to commit: its files are kept, listed
+    in the head as unsettled, and deleted by the run that commits from S (`drop_losers`).
+  - a pending snapshot whose manifests are missing, unless its run had marked it committing:
+    a snapshot's run writes the head (compare-and-swap) right before its manifests, so once
+    this run has saved the head over the record, that run can no longer get there. One
+    marked committing is kept until its manifests appear (they may be on their way).
+  - never when the lake could not be read: "could not tell" is never taken as "not there".
+Then, if the lake's last batch ends beyond the slot (a crash between 4 and 5, or a server
+crash that forgot an advance), the slot is advanced there before anything is read. The slot
+never moves before the lake holds the changes, and the lake never commits a range twice.
 """
 
 import datetime as dt
@@ -44,12 +68,13 @@ from pg_assets.core.layout import (
     cdc_journal,
     encode_segment,
 )
-from pg_assets.core.publish import holds
-from pg_assets.sinks.base import Published, Sink
+from pg_assets.core.publish import commit_state, read_manifest, read_manifest_at
+from pg_assets.sinks.base import FileInfo, PreconditionFailed, Published, Sink
 
-HEAD_VERSION = 1
-MANIFEST_VERSION = 1
-_BATCH_NAME = re.compile(r"([0-9A-F]{16})-([0-9A-F]{16})\.json")
+HEAD_VERSION = 2
+MANIFEST_VERSION = 2
+# `<S>.json`; layout v1's `<S>-<E>.json` too, so a head rebuilt over an older lake finds it
+_BATCH_NAME = re.compile(r"([0-9A-F]{16})(?:-[0-9A-F]{16})?\.json")
 
 
 @dataclass
@@ -75,15 +100,7 @@ class Committed:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "Committed":
-        return cls(
-            d["manifest"],
-            int(d["start_lsn"], 16),
-            int(d["end_lsn"], 16),
-            {
-                QualifiedName(t["schema_name"], t["table_name"]): int(t["snapshot_lsn"], 16)
-                for t in d["tables"]
-            },
-        )
+        return cls.from_manifest(d["manifest"], d)
 
     @classmethod
     def from_manifest(cls, relpath: str, m: dict[str, Any]) -> "Committed":
@@ -108,6 +125,7 @@ class Pending:
     run_id: str
     batch: Committed | None = None  # kind "batch": what it commits
     snapshots: list[SnapshotRef] = field(default_factory=list)  # kind "snapshot"
+    committing: bool = False  # kind "snapshot": its manifests may be written from now on
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -117,6 +135,7 @@ class Pending:
             "run_id": self.run_id,
             "batch": self.batch.to_json() if self.batch else None,
             "snapshots": [s.to_json() for s in self.snapshots],
+            "committing": self.committing,
         }
 
     @classmethod
@@ -128,7 +147,12 @@ class Pending:
             d.get("run_id", ""),
             Committed.from_json(d["batch"]) if d.get("batch") else None,
             [SnapshotRef.from_json(s) for s in d.get("snapshots", [])],
+            bool(d.get("committing", False)),
         )
+
+    @property
+    def who(self) -> str:
+        return f"run {self.run_id[:8]}" if self.run_id else "a run"
 
 
 @dataclass
@@ -138,6 +162,8 @@ class Head:
     committed: Committed | None = None
     pending: Pending | None = None
     snapshots: dict[QualifiedName, SnapshotRef] = field(default_factory=dict)
+    # other runs' records whose outcome cannot be told yet (see the module doc)
+    unsettled: list[Pending] = field(default_factory=list)
 
     @property
     def has_history(self) -> bool:
@@ -152,6 +178,7 @@ class Head:
             "slot": self.slot,
             "committed": self.committed.to_json() if self.committed else None,
             "pending": self.pending.to_json() if self.pending else None,
+            "unsettled": [p.to_json() for p in self.unsettled],
             "snapshots": [s.to_json() for _, s in sorted(self.snapshots.items())],
         }
 
@@ -163,17 +190,16 @@ class Head:
             Committed.from_json(d["committed"]) if d.get("committed") else None,
             Pending.from_json(d["pending"]) if d.get("pending") else None,
             {ref.table: ref for ref in map(SnapshotRef.from_json, d.get("snapshots", []))},
+            [Pending.from_json(p) for p in d.get("unsettled", [])],
         )
 
-
-def read_json(sink: Sink, relpath: str) -> dict[str, Any] | None:
-    if sink.stat(relpath) is None:
-        return None
-    try:
-        doc = json.loads(sink.read_bytes(relpath))
-    except ValueError:
-        return None
-    return doc if isinstance(doc, dict) else None
+    def adopt(self, relpath: str, manifest: dict[str, Any]) -> bool:
+        """Take a committed batch manifest as the last batch if it is further along."""
+        found = Committed.from_manifest(relpath, manifest)
+        if self.committed is not None and found.end_lsn <= self.committed.end_lsn:
+            return False
+        self.committed = found
+        return True
 
 
 class Journal:
@@ -182,57 +208,125 @@ class Journal:
     def __init__(self, sink: Sink, source: str, slot: str, run_id: str) -> None:
         self.sink, self.source, self.slot, self.run_id = sink, source, slot, run_id
         self.head_path = cdc_head(source, slot)
+        self._at: FileInfo | None = None  # the head as this run last read or wrote it
 
     def save(self, head: Head) -> None:
+        """Write the head if it is still the one this run last read or wrote."""
         body = json.dumps(head.to_json(), indent=2).encode()
+        at = self._at
         try:
-            self.sink.write_bytes(self.run_id, self.head_path, body, "application/json")
+            published = self.sink.write_bytes(
+                self.run_id, self.head_path, body, "application/json",
+                if_match=at.etag if at else None, if_none_match=at is None,
+            )  # fmt: skip
+        except PreconditionFailed as e:
+            raise CdcError(
+                f"replication slot {self.slot!r}: another run wrote {self.head_path} since this "
+                f"run read it: this run's lock on the slot was lost with its session, so it "
+                f"stops here ({e})"
+            ) from e
         except Exception as e:
-            if not holds(self.sink, self.head_path, body):
+            state = commit_state(self.sink, self.head_path, body)
+            if state is None:
+                raise CdcError(
+                    f"writing {self.head_path} failed and it could not be read back to tell "
+                    f"whether it happened: {e}"
+                ) from e
+            if not state:
                 raise CdcError(f"writing {self.head_path} failed: {e}") from e
+            try:
+                self._at = self.sink.stat(self.head_path)
+            except Exception as check:
+                raise CdcError(f"reading back {self.head_path} failed: {check}") from e
+            return
+        self._at = FileInfo(published.size, published.etag)
 
     def load(self, tables: list[QualifiedName]) -> tuple[Head, list[str]]:
-        """The head with its pending record resolved (committed, or rolled back and its
-        files deleted). Returns the head and a line per thing recovered, for the run's log."""
-        doc = read_json(self.sink, self.head_path)
+        """The head with the records of earlier runs settled: committed ones dropped, those
+        that can never commit deleted, the others kept as unsettled. Returns the head and a
+        line per thing recovered, for the run's log."""
+        try:
+            self._at, doc = read_manifest_at(self.sink, self.head_path)
+        except Exception as e:
+            raise CdcError(f"reading {self.head_path} failed: {e}") from e
         notes: list[str] = []
         if doc is None:
             head, notes = rebuild_head(self.sink, self.source, self.slot, tables)
         else:
             head = Head.from_json(doc)
-        if head.pending is not None:
-            notes.append(self._resolve(head, head.pending))
+        records = ([head.pending] if head.pending else []) + head.unsettled
+        if records:
             head.pending = None
-            self.save(head)
+            kept, lost = self.settle(head, records, notes)
+            head.unsettled = kept + lost
+            self.save(head)  # first: see Pending.committing
+            for p in lost:
+                self._delete(p.files)
+            head.unsettled = kept  # recorded with the next save
         return head, notes
 
-    def _resolve(self, head: Head, p: Pending) -> str:
-        present = {m for m in p.manifests if read_json(self.sink, m) is not None}
-        if p.kind == "batch":
-            if present:
-                assert p.batch is not None
-                head.committed = p.batch
-                return (
-                    f"batch {p.manifests[0]} of run {p.run_id[:8]} was committed; its slot "
-                    "advance is checked next"
-                )
-            self._delete(p.files)
-            return (
-                f"batch {p.manifests[0]} of run {p.run_id[:8]} was not committed: deleted its "
-                f"{len(p.files)} published or partly published file(s)"
+    def settle(
+        self, head: Head, records: list[Pending], notes: list[str]
+    ) -> tuple[list[Pending], list[Pending]]:
+        """(records to keep, records whose files can never be committed) for records of
+        earlier runs; committed ones update the head and are dropped."""
+        kept, lost = [], []
+        for p in records:
+            if p.kind == "batch":
+                rel = p.manifests[0]
+                try:
+                    manifest = read_manifest(self.sink, rel)
+                except Exception as e:
+                    kept.append(p)
+                    notes.append(f"batch {rel} of {p.who}: the lake could not be read ({e}); kept")
+                    continue
+                if manifest is None:
+                    kept.append(p)
+                    notes.append(
+                        f"batch {rel} of {p.who} is not committed: its {len(p.files)} file(s) are "
+                        "kept until a batch from the same position commits (that run may have "
+                        "lost its lock and still be publishing)"
+                    )
+                elif set(p.files) <= {f["path"] for f in manifest["files"]}:
+                    head.adopt(rel, manifest)
+                    notes.append(f"batch {rel} of {p.who} was committed")
+                else:
+                    lost.append(p)
+                    notes.append(
+                        f"batch {rel} of {p.who} lost to run {str(manifest.get('run_id'))[:8]}: "
+                        f"deleted its {len(p.files)} file(s)"
+                    )
+                continue
+            missing, unknown = [], False
+            for ref in p.snapshots:
+                try:
+                    present = read_manifest(self.sink, ref.manifest) is not None
+                except Exception:
+                    present, unknown = False, True
+                if not present:
+                    missing.append(ref)
+                elif ref.table not in head.snapshots or head.snapshots[ref.table].lsn < ref.lsn:
+                    head.snapshots[ref.table] = ref
+            rest = Pending(
+                "snapshot",
+                [r.manifest for r in missing],
+                [r.file for r in missing],
+                p.run_id,
+                snapshots=missing,
+                committing=p.committing,
             )
-        kept = []
-        for ref in p.snapshots:
-            if ref.manifest in present:
-                head.snapshots[ref.table] = ref
-                kept.append(ref)
-            else:
-                self._delete([ref.file])
-        return (
-            f"snapshot at {format_lsn(p.snapshots[0].lsn) if p.snapshots else '?'} of run "
-            f"{p.run_id[:8]}: {len(kept)} of {len(p.snapshots)} table(s) committed, the rest "
-            "deleted"
-        )
+            if missing and (p.committing or unknown):
+                kept.append(rest)
+            elif missing:
+                lost.append(rest)
+            notes.append(
+                f"snapshot at {format_lsn(p.snapshots[0].lsn) if p.snapshots else '?'} of "
+                f"{p.who}: {len(p.snapshots) - len(missing)} of {len(p.snapshots)} table(s) "
+                "committed"
+                + (", the rest kept until their manifests appear" if rest in kept else "")
+                + (", the rest deleted" if rest in lost else "")
+            )
+        return kept, lost
 
     def _delete(self, relpaths: list[str]) -> None:
         for rel in relpaths:
@@ -249,46 +343,102 @@ class Journal:
         head.pending = pending
         self.save(head)
 
+    def committing(self, head: Head) -> None:
+        """A snapshot's files are published and its manifests come next: say so in the head
+        (compare-and-swap), after which a later run keeps them until the manifests appear."""
+        assert head.pending is not None and head.pending.kind == "snapshot"
+        head.pending.committing = True
+        self.save(head)
+
+    def catch_up(self, head: Head, position: int) -> list[str]:
+        """Follow the chain of committed batches past what the head knows (a run that lost
+        its lock may have committed one without recording it): from the last batch's end,
+        or from the slot's `position` before any batch, `<start>.json` until one is missing."""
+        notes = []
+        start = head.committed.end_lsn if head.committed else position
+        while True:
+            rel = cdc_batch_manifest(self.source, self.slot, start)
+            try:
+                info, manifest = read_manifest_at(self.sink, rel)
+            except Exception as e:
+                raise CdcError(f"reading batch manifest {rel} failed: {e}") from e
+            if manifest is None:
+                if info is not None:
+                    raise CdcError(f"batch manifest {rel} is not readable JSON")
+                return notes
+            if not head.adopt(rel, manifest):
+                raise CdcError(f"batch manifest {rel} does not end after its start")
+            notes.append(
+                f"batch {rel} of run {str(manifest.get('run_id'))[:8]} is committed, though the "
+                "journal head did not record it yet"
+            )
+            start = head.committed.end_lsn  # type: ignore[union-attr]
+
+    def drop_losers(self, head: Head, manifest_rel: str) -> None:
+        """This run committed `manifest_rel`: other runs' batches from the same position can
+        never commit now, so their files go (best effort: a record whose delete fails stays,
+        and the next run's `settle` deletes them)."""
+        kept = []
+        for p in head.unsettled:
+            if p.kind == "batch" and p.manifests[0] == manifest_rel:
+                try:
+                    self._delete(p.files)
+                    continue
+                except CdcError:
+                    pass
+            kept.append(p)
+        head.unsettled = kept
+
 
 def rebuild_head(
     sink: Sink, source: str, slot: str, tables: list[QualifiedName]
 ) -> tuple[Head, list[str]]:
-    """The head from listings, when `_head.json` is missing: the batch manifest ending last,
-    each table's newest snapshot manifest, and every change file after the last batch deleted
-    (nothing committed them)."""
+    """The head from listings, when `_head.json` is missing: the batch manifest starting last,
+    each table's newest snapshot manifest, and every change file from the last batch's end on
+    recorded as unsettled (nothing committed it yet, but a run that lost its lock may be about
+    to: the batch that commits from there deletes them)."""
     head = Head(source, slot)
     journal = cdc_journal(source, slot)
     best: tuple[int, str] | None = None
     for rel in sink.list_files(journal):
         m = _BATCH_NAME.fullmatch(rel.rsplit("/", 1)[-1])
-        if m and (best is None or int(m.group(2), 16) > best[0]):
-            best = (int(m.group(2), 16), rel)
+        if m and (best is None or int(m.group(1), 16) > best[0]):
+            best = (int(m.group(1), 16), rel)
     notes = []
     if best is not None:
-        manifest = read_json(sink, best[1])
+        manifest = read_manifest(sink, best[1])
         if manifest is None:
             raise CdcError(f"batch manifest {best[1]} is not readable JSON")
         head.committed = Committed.from_manifest(best[1], manifest)
         notes.append(f"{cdc_head(source, slot)} was missing: rebuilt from {best[1]}")
     last = head.committed.end_lsn if head.committed else -1
+    uncommitted: dict[int, list[str]] = {}
     for table in tables:
         name = encode_segment(table.name)
         snap = re.compile(re.escape(name) + r"-snapshot-([0-9A-F]{16})\.json")
-        change = re.compile(re.escape(name) + r"-([0-9A-F]{16})-([0-9A-F]{16})(?:-\d+)?\.csv.*")
-        files = sink.list_files(cdc_folder(source, table))
+        change = re.compile(
+            re.escape(name) + r"-([0-9A-F]{16})-[0-9A-F]{16}(?:-[0-9a-f]{8})?(?:-\d+)?\.csv.*"
+        )
         snaps = {}
-        for rel in files:
+        for rel in sink.list_files(cdc_folder(source, table)):
             base = rel.rsplit("/", 1)[-1]
             if m := snap.fullmatch(base):
                 snaps[int(m.group(1), 16)] = rel
             elif (m := change.fullmatch(base)) and int(m.group(1), 16) >= last:
-                sink.delete(rel)
-                notes.append(f"deleted {rel}: no batch manifest commits it")
+                uncommitted.setdefault(int(m.group(1), 16), []).append(rel)
         if snaps:
             lsn = max(snaps)
-            doc = read_json(sink, snaps[lsn])
+            doc = read_manifest(sink, snaps[lsn])
             if doc is not None:
                 head.snapshots[table] = SnapshotRef(table, lsn, snaps[lsn], doc["path"])
+    for start, files in sorted(uncommitted.items()):
+        head.unsettled.append(
+            Pending("batch", [cdc_batch_manifest(source, slot, start)], sorted(files), "")
+        )
+        notes.append(
+            f"{len(files)} change file(s) from {format_lsn(start)} are not committed by any batch "
+            "manifest: kept until a batch from there commits"
+        )
     return head, notes
 
 
@@ -442,8 +592,7 @@ def file_entry(
 
 
 def manifest_path(source: str, batch: Batch) -> str:
-    assert batch.end_lsn is not None
-    return cdc_batch_manifest(source, batch.slot, batch.start_lsn, batch.end_lsn)
+    return cdc_batch_manifest(source, batch.slot, batch.start_lsn)
 
 
 def table_of(key: TableKey) -> QualifiedName:

@@ -22,6 +22,7 @@ every batch since C did). Otherwise:
 import datetime as dt
 import json
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -38,9 +39,7 @@ from pg_assets.core.cdc.batch import (
     TableChanges,
     batch_manifest,
     file_entry,
-    holds,
     manifest_path,
-    read_json,
     table_of,
 )
 from pg_assets.core.cdc.changes import PartStats, TableKey, table_display
@@ -51,9 +50,9 @@ from pg_assets.core.cdc.snapshot import SnapshotRef, TableSnapshot, snapshot_pat
 from pg_assets.core.compression import Codec
 from pg_assets.core.identifiers import QualifiedName
 from pg_assets.core.layout import cdc_change_file
-from pg_assets.core.publish import advisory_lock
+from pg_assets.core.publish import advisory_lock, commit_state, committed_by, read_manifest
 from pg_assets.core.session import APPLICATION_NAME, connect_kwargs
-from pg_assets.sinks.base import Published, Sink, StagingFile
+from pg_assets.sinks.base import PreconditionFailed, Published, Sink, StagingFile
 
 MAX_BATCHES_PER_RUN = 20
 
@@ -267,6 +266,7 @@ def _snapshot(
         run_id=run_id,
         block_size=src.block_size,
         on_consistent_point=record,
+        before_commit=lambda: journal.committing(head),
         connect_timeout_s=src.connect_timeout_s,
         create_timeout_s=src.create_slot_timeout_s,
         lock_timeout_s=src.lock_timeout_s,
@@ -324,6 +324,7 @@ def prepare(
         admin, src.publication, list(src.tables), lock_timeout_s=src.lock_timeout_s
     )
     position = health.confirmed_flush_lsn
+    result.notes += journal.catch_up(head, position)
     if head.committed is not None and head.committed.end_lsn > position:
         result.notes.append(
             f"the last batch ({head.committed.manifest}) is committed but replication slot "
@@ -374,10 +375,11 @@ def one_batch(
     floors = {TableKey(t.schema, t.name): head.snapshots[t].lsn for t in src.tables}
     staged: dict[tuple[TableKey, int], StagingFile] = {}
     sink, codec = src.sink, src.codec
+    token = uuid.uuid4().hex[:8]  # this attempt's: see `layout.cdc_change_file`
 
     def open_part(table: TableKey, part: int) -> StagingFile:
         # the final name needs the batch's end, known once read: staged under a provisional one
-        rel = cdc_change_file(src.source, table_of(table), position, position, part, ".tmp")
+        rel = cdc_change_file(src.source, table_of(table), position, position, token, part, ".tmp")
         staged[(table, part)] = f = sink.open_staging(run_id, rel, codec.content_type)
         return f
 
@@ -408,18 +410,19 @@ def one_batch(
     start, end = batch.start_lsn, batch.end_lsn
     paths = {
         (f.table, f.part): cdc_change_file(
-            src.source, table_of(f.table), start, end, f.part, codec.extension
+            src.source, table_of(f.table), start, end, token, f.part, codec.extension
         )
         for f in batch.files
     }
     manifest_rel = manifest_path(src.source, batch)
     covered = {t: head.snapshots[t].lsn for t in src.tables}
-    committed = Committed(manifest_rel, start, end, covered)
+    this = Committed(manifest_rel, start, end, covered)
     body: bytes | None = None
+    committed: bool | None = False  # None: could not tell
     try:
         types = _type_names(admin, batch.files)
         journal.begin(
-            head, Pending("batch", [manifest_rel], list(paths.values()), run_id, batch=committed)
+            head, Pending("batch", [manifest_rel], list(paths.values()), run_id, batch=this)
         )
         published: dict[tuple[TableKey, int], Published] = {}
         for f in batch.files:
@@ -441,10 +444,27 @@ def one_batch(
             run_id=run_id,
         )
         body = json.dumps(manifest, indent=2).encode()
+        admin.execute("SELECT 1")  # still connected, so still holding the slot's lock
         try:
-            sink.write_bytes(run_id, manifest_rel, body, "application/json")
+            # create-only: whichever run commits first owns the batch from `start`
+            sink.write_bytes(run_id, manifest_rel, body, "application/json", if_none_match=True)
+            committed = True
+        except PreconditionFailed as e:
+            raise CdcError(
+                f"replication slot {src.slot!r}: {committed_by(sink, manifest_rel)} committed the "
+                f"batch from {format_lsn(start)} while this run was publishing its own (this "
+                "run's lock on the slot was lost with its session), so this run's "
+                f"{len(paths)} change file(s) are deleted: {e}"
+            ) from e
         except Exception as e:
-            if not holds(sink, manifest_rel, body):
+            committed = commit_state(sink, manifest_rel, body)
+            if committed is None:
+                raise CdcError(
+                    f"publishing batch manifest {manifest_rel} failed and the lake could not be "
+                    f"read back to tell whether it happened ({e}); its change files are kept, "
+                    "and the next run settles the batch (committed, or read again)"
+                ) from e
+            if not committed:
                 raise CdcError(
                     f"publishing batch manifest {manifest_rel} failed, so the batch is not "
                     f"committed and will be read again: {e}"
@@ -452,16 +472,19 @@ def one_batch(
     except BaseException:
         for f in staged.values():
             sink.discard(f)
-        if body is None or not holds(sink, manifest_rel, body):
-            for rel in paths.values():
+        if committed is False and body is not None:  # interrupted in the commit: look
+            committed = commit_state(sink, manifest_rel, body)
+        if committed is False:
+            for rel in paths.values():  # this attempt's names: nobody else's files
                 try:
                     sink.delete(rel)
                 except Exception:
-                    pass  # still listed in the pending record: the next run deletes it
+                    pass  # still listed in the pending record: a later run deletes it
         raise
     # committed: the lake holds the batch; only now may the slot let go of it
-    head.committed = committed
+    head.committed = this
     head.pending = None
+    journal.drop_losers(head, manifest_rel)
     now = _server_now(admin)
     cdc_slot.advance_slot(admin, src.slot, end)
     for f in batch.files:
@@ -574,7 +597,7 @@ def status(src: CdcSource, run_id: str) -> dict[str, Any]:
     with src.connect(autocommit=True) as admin:
         health = cdc_slot.slot_health(admin, src.slot)
     journal = Journal(src.sink, src.source, src.slot, run_id)
-    doc = read_json(src.sink, journal.head_path)  # as stored: pending not resolved
+    doc = read_manifest(src.sink, journal.head_path)  # as stored: pending not resolved
     head = Head.from_json(doc) if doc else Head(src.source, src.slot)
     return {"health": health, "head": head}
 

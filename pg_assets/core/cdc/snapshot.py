@@ -9,8 +9,18 @@ table = the snapshot, then every change row with `_commit_lsn >= lsn` applied in
 (`_commit_lsn`, `_seq`) order. The run's change files never hold a row below that LSN for the
 table (`ChangeWriter`'s floors), so readers may also just apply every committed change file.
 
+Right after importing the snapshot the transaction locks every table (ACCESS SHARE, within
+`lock_timeout`) and checks that none was truncated or rewritten since the slot's consistent
+point: TRUNCATE and table rewrites (VACUUM FULL, CLUSTER, ALTER TABLE … TYPE) are not MVCC-safe,
+and one committed between the slot's creation and the COPY would make the old snapshot read the
+table as empty or partial, silently (a rewrite sends no change through the slot). Such a race
+fails the run before anything is published; the next run (or `pg-assets cdc setup`) takes a
+new snapshot. From the lock on, such DDL waits for the COPY.
+
 Files are published under the journal's pending record first (see `batch.Journal`), so a crash
-between publishing a snapshot and recording it leaves nothing a later run cannot clean up.
+between publishing a snapshot and recording it leaves nothing a later run cannot clean up. The
+manifests come last, after every table's data file is published and the journal has recorded
+that they are coming (`before_commit`), each written create-only.
 """
 
 import datetime as dt
@@ -32,9 +42,10 @@ from pg_assets.core.compression import Codec
 from pg_assets.core.copy_stream import CopyStats, stream_copy
 from pg_assets.core.identifiers import QualifiedName
 from pg_assets.core.layout import cdc_snapshot_file, cdc_snapshot_manifest
-from pg_assets.core.publish import file_facts, holds
+from pg_assets.core.planner import rewritten_since_snapshot
+from pg_assets.core.publish import commit_state, file_facts
 from pg_assets.core.session import connect_kwargs as session_kwargs
-from pg_assets.sinks.base import Sink, StagingFile
+from pg_assets.sinks.base import PreconditionFailed, Sink, StagingFile
 
 REPLAY_RULE = (
     "apply the change rows with _commit_lsn >= lsn (all rows of committed change files) in "
@@ -134,8 +145,9 @@ def copy_snapshot(
     block_size: int,
     temporary_slot: bool,
 ) -> TableSnapshot:
-    """COPY one table inside the caller's transaction (which imported the exported snapshot)
-    into Bronze, then publish its manifest. The caller has recorded both paths as pending."""
+    """COPY one table inside the caller's transaction (which imported the exported snapshot
+    and locked the table) into Bronze, and publish its data file. Its manifest is written by
+    `commit_snapshot`. The caller has recorded both paths as pending."""
     where = f"snapshot of table {table_display(table.schema, table.name)}"
     data_rel, manifest_rel = snapshot_paths(source, [table], lsn, codec)[0]
     columns = table_columns(conn, table)
@@ -176,15 +188,64 @@ def copy_snapshot(
         "seconds": round(stats.seconds, 3),
         "run_id": run_id,
     }
-    body = json.dumps(manifest, indent=2).encode()
-    try:
-        sink.write_bytes(run_id, manifest_rel, body, "application/json")
-    except Exception as e:
-        if not holds(sink, manifest_rel, body):
-            raise CdcError(f"publishing the manifest of the {where} failed: {e}") from e
     return TableSnapshot(
         SnapshotRef(table, lsn, manifest_rel, data_rel), stats, manifest, published.uri
     )
+
+
+def commit_snapshot(sink: Sink, snapshot: TableSnapshot, run_id: str) -> None:
+    """Write a snapshot's manifest, create-only: its commit point."""
+    t = snapshot.ref.table
+    where = f"the manifest of the snapshot of table {table_display(t.schema, t.name)}"
+    rel = snapshot.ref.manifest
+    body = json.dumps(snapshot.manifest, indent=2).encode()
+    try:
+        sink.write_bytes(run_id, rel, body, "application/json", if_none_match=True)
+    except PreconditionFailed as e:
+        raise CdcError(f"publishing {where} failed: another run wrote {rel}: {e}") from e
+    except Exception as e:
+        state = commit_state(sink, rel, body)
+        if state is None:
+            raise CdcError(
+                f"publishing {where} failed and the lake could not be read back to tell whether "
+                f"it happened ({e}); its data file is kept, the next run settles it"
+            ) from e
+        if not state:
+            raise CdcError(f"publishing {where} failed: {e}") from e
+
+
+def lock_tables(
+    conn: psycopg.Connection, tables: Sequence[QualifiedName], lock_timeout_s: float
+) -> None:
+    """LOCK `tables` IN ACCESS SHARE MODE inside the transaction that imported the exported
+    snapshot (the caller has set `lock_timeout`), then check that none was truncated or
+    rewritten between the snapshot and the lock (see the module doc). Without ONLY: a
+    partitioned table's partitions are what the COPY reads, and each must be held."""
+    names = ", ".join(table_display(t.schema, t.name) for t in tables)
+    try:
+        conn.execute(
+            sql.SQL("LOCK TABLE {} IN ACCESS SHARE MODE").format(
+                sql.SQL(", ").join(t.identifier for t in tables)
+            )
+        )
+    except psycopg.errors.LockNotAvailable:
+        raise CdcError(
+            f"snapshot of {names}: gave up waiting {lock_timeout_s:g} s for a lock: DDL such "
+            "as TRUNCATE, DROP or ALTER holds or awaits an exclusive lock on one of them; "
+            "nothing was read, retry later or raise postgres.lock_timeout_s"
+        ) from None
+    except psycopg.errors.UndefinedTable as e:
+        raise CdcError(f"snapshot of {names}: {e}") from None
+    with conn.cursor() as cur:
+        rewritten = rewritten_since_snapshot(cur, tables)
+    if rewritten is not None:
+        raise CdcError(
+            f"snapshot of table {table_display(rewritten.schema, rewritten.name)}: it was "
+            "truncated or rewritten (TRUNCATE, VACUUM FULL, CLUSTER, a rewriting ALTER TABLE) "
+            "after the replication slot's snapshot was exported and before it could be locked, "
+            "so that snapshot would read it as empty or partial; nothing was published. Run "
+            "`pg-assets cdc setup` (or the next CDC run) again to take a new snapshot"
+        )
 
 
 def temporary_slot_name(slot: str) -> str:
@@ -204,6 +265,7 @@ def take_snapshots(
     run_id: str,
     block_size: int,
     on_consistent_point: Callable[[int], None],
+    before_commit: Callable[[], None] = lambda: None,
     connect_timeout_s: float = 10,
     create_timeout_s: float = 300,
     lock_timeout_s: float = 60,
@@ -211,7 +273,9 @@ def take_snapshots(
 ) -> tuple[int, list[TableSnapshot]]:
     """Create `slot` (or a temporary slot named after it) with an exported snapshot and COPY
     each of `tables` at it. `on_consistent_point(lsn)` runs before anything is published (the
-    journal records the paths as pending there). Returns the consistent LSN and the snapshots.
+    journal records the paths as pending there), `before_commit()` once every data file is
+    published and before the first manifest is written. Returns the consistent LSN and the
+    snapshots.
 
     One transaction for all tables: they are all at the same point, and the snapshot is
     released as soon as the last COPY ends (the exporting connection closes with the block)."""
@@ -241,6 +305,7 @@ def take_snapshots(
                     "SELECT set_config('lock_timeout', %s, true)",
                     [f"{max(1, int(lock_timeout_s * 1000))}ms"],
                 )
+                lock_tables(conn, tables, lock_timeout_s)
                 for table in tables:
                     results.append(
                         copy_snapshot(
@@ -257,4 +322,7 @@ def take_snapshots(
                             temporary_slot=temporary,
                         )  # fmt: skip
                     )
+    before_commit()
+    for snapshot in results:
+        commit_snapshot(sink, snapshot, run_id)
     return lsn, results
