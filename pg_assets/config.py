@@ -71,9 +71,9 @@ class BronzeConfig(_Strict):
     staging_max_age_h: float | None = Field(
         default=24,
         gt=0,
-        description="staging files (`_staging/`) the store last modified longer ago than this "
-        "are leftovers of killed runs and are removed at the start of each daily run; must "
-        "exceed the longest time one run spends writing one file (null: never sweep)",
+        description="staging files (`_staging/`) the store last modified longer ago than this, "
+        "of runs the Dagster instance does not report in progress, are leftovers of killed runs "
+        "and are removed at the start of each run (null: never sweep)",
     )
     adls: AdlsSettings = AdlsSettings()
 

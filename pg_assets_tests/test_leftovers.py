@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 
 import psycopg
 import pytest
@@ -24,6 +25,8 @@ from dagster import (
     AssetCheckKey,
     AssetCheckSeverity,
     AssetSelection,
+    DagsterRun,
+    DagsterRunStatus,
     build_sensor_context,
     materialize,
 )
@@ -252,19 +255,30 @@ def test_the_late_data_sensor_finds_leftovers_and_offers_the_cleanup(
 @pytest.mark.parametrize("where", ["local", "adls"])
 def test_a_daily_run_sweeps_old_staging_files_once(orders, project, request, where):
     """A staging file a killed run left two days ago is removed by the next daily run (one
-    listing of `_staging/` for a run of three days); one written a minute ago is kept."""
+    listing of `_staging/` for a run of three days); one written a minute ago is kept, and so
+    is an old one of a run the instance says is still going (on ADLS a long upload's time
+    moves only when it is created and flushed)."""
     server = request.getfixturevalue("adls") if where == "adls" else None
     p = project([TABLE], bronze=adls_bronze(server) if server else {})
     sink = p.sink()
+    long_run = p.instance.add_run(
+        DagsterRun(
+            job_name="incremental", run_id=str(uuid.uuid4()), status=DagsterRunStatus.STARTED
+        )
+    )
     old = sink.open_staging("killed-run", "x/old.csv.gz", "application/gzip")
     old.write(b"half a file")
     young = sink.open_staging("live-run", "x/young.csv.gz", "application/gzip")
     young.write(b"being written")
+    uploading = sink.open_staging(long_run.run_id, "x/big.csv.gz", "application/gzip")
+    uploading.write(b"a day-long upload")
     when = time.time() - 2 * 24 * 3600
-    if server is None:
-        os.utime(sink.root / old.relpath, (when, when))
-    else:
-        server.set_modified("bronze", f"lake/{old.relpath}", when)
+    for staged in (old, uploading):
+        if server is None:
+            os.utime(sink.root / staged.relpath, (when, when))
+        else:
+            server.set_modified("bronze", f"lake/{staged.relpath}", when)
+    if server is not None:
         server.requests.clear()
     result = p.materialize(
         None, tags={ASSET_PARTITION_RANGE_START_TAG: DAYS[0].isoformat(),
@@ -273,7 +287,7 @@ def test_a_daily_run_sweeps_old_staging_files_once(orders, project, request, whe
     assert result.success
     if server is not None:  # one listing of _staging for the whole run
         assert len([r for r in server.ops("list") if r[2] == "bronze/lake/_staging"]) == 1
-    assert sink.list_files("_staging") == [young.relpath]
+    assert sorted(sink.list_files("_staging")) == sorted([young.relpath, uploading.relpath])
     logs = [e.user_message for e in p.instance.all_logs(result.run_id)]
     assert any("removed 1 staging file(s) older than 24 h" in m and old.relpath in m for m in logs)
 

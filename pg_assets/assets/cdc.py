@@ -263,6 +263,7 @@ def build_cdc_assets(project: ProjectConfig) -> CdcDefinitions | None:
             src = cdc_source(project, postgres, bronze)
         except Exception as e:  # a missing conninfo variable, an unusable Bronze root
             raise Failure(f"{where}: {e}") from None
+        bronze.sweep_staging_once(context, src.sink)
         try:
             result = sync(src, context.run.run_id, log=context.log.info)
         except Exception as e:

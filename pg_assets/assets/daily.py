@@ -16,8 +16,7 @@ naming each failed day and its cause. The backfill daemon and the partition stat
 days materialized by the failed run as materialized and only the rest of its range as failed.
 A lost connection is retried with RetryRequested; the retry skips the days this run already
 materialized (read back from the run's own event log), so only the failed days are redone.
-A run first sweeps `_staging/` of files older than `bronze.staging_max_age_h` (leftovers of
-killed runs; `sweep_staging`), once per run whatever its days and assets.
+A run first sweeps `_staging/` of leftovers of killed runs (`BronzeResource.sweep_staging_once`).
 Assets of one source share a Dagster concurrency pool named after the source, so a backfill
 cannot open more connections than the instance allows for that database.
 """
@@ -74,33 +73,6 @@ from pg_assets.core.planner import CatalogError, Column, TableInfo, describe_tab
 from pg_assets.resources.bronze import BronzeResource
 from pg_assets.resources.postgres import PostgresResource
 from pg_assets.sinks.base import Sink
-
-# Runs of this process that already swept `_staging/`: the definitions use the in-process
-# executor, so every asset step and every retry of a run runs here, and sweeps once.
-_SWEPT_RUNS: set[str] = set()
-
-
-def sweep_staging_once(context: AssetExecutionContext, sink: Sink, max_age_h: float | None) -> None:
-    """Remove staging files of killed runs, once per run: one listing of `_staging/`. A
-    failure is logged, never fatal: it costs a little storage, not a day's data."""
-    run_id = context.run.run_id
-    if max_age_h is None or run_id in _SWEPT_RUNS:
-        return
-    _SWEPT_RUNS.add(run_id)
-    try:
-        removed = sink.sweep_staging(max_age_h * 3600)
-    except Exception as e:
-        context.log.warning(
-            f"sweeping staging files older than {max_age_h:g} h (bronze.staging_max_age_h) "
-            f"failed: {e}"
-        )
-        return
-    if removed:
-        context.log.info(
-            f"removed {len(removed)} staging file(s) older than {max_age_h:g} h left by killed "
-            f"runs (bronze.staging_max_age_h): {', '.join(removed)}"
-        )
-
 
 # After this many days in a row fail with a lost connection, the rest of the range is not
 # attempted in this try (each would wait out the connect timeout); the retry picks them up.
@@ -331,7 +303,7 @@ def _define(
             sink = bronze.get_sink()
         except Exception as e:  # bad root, missing secret, refused credential
             raise Failure(f"{where}: Bronze at {bronze.root} is not usable: {e}") from e
-        sweep_staging_once(context, sink, bronze.staging_max_age_h)
+        bronze.sweep_staging_once(context, sink)
         try:
             # once per run, whatever the number of days; each day re-checks it in its snapshot
             with postgres.connection() as conn, conn.transaction():

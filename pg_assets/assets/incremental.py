@@ -116,6 +116,7 @@ def build_incremental_asset(project: ProjectConfig, table: TableConfig) -> Asset
             sink = bronze.get_sink()
         except Exception as e:  # bad root, missing secret, refused credential
             raise Failure(f"{where}: Bronze at {bronze.root} is not usable: {e}") from e
+        bronze.sweep_staging_once(context, sink)
         hint = context.run.tags.get(BATCH_HINT_TAG)
         try:
             with postgres.connection() as conn:

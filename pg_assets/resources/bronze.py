@@ -7,7 +7,13 @@ an asset needs nothing but this resource to write a partition.
 
 from typing import Literal
 
-from dagster import Config, ConfigurableResource
+from dagster import (
+    AssetExecutionContext,
+    Config,
+    ConfigurableResource,
+    DagsterRunStatus,
+    RunsFilter,
+)
 from pydantic import ConfigDict, Field
 
 from pg_assets.core.compression import Codec, get_codec
@@ -51,6 +57,19 @@ class AdlsSettings(Config):
     )
 
 
+# Runs still writing (or about to): their staging files are never swept, whatever their age.
+_ALIVE = [
+    DagsterRunStatus.QUEUED,
+    DagsterRunStatus.NOT_STARTED,
+    DagsterRunStatus.STARTING,
+    DagsterRunStatus.STARTED,
+    DagsterRunStatus.CANCELING,
+]
+# Runs of this process that already swept `_staging/`: the definitions use the in-process
+# executor, so every step and every retry of a run runs here, and sweeps once.
+_SWEPT_RUNS: set[str] = set()
+
+
 class BronzeResource(ConfigurableResource):
     root: str = Field(description="Local path, file:// URI or abfss:// URI of the Bronze root.")
     codec: str = "gzip"
@@ -58,8 +77,9 @@ class BronzeResource(ConfigurableResource):
     block_size_mib: float = 4
     staging_max_age_h: float | None = Field(
         default=24,
+        gt=0,
         description="Staging files older than this (hours, by the store's last-modified "
-        "time) are removed at the start of each daily run (null: never).",
+        "time) whose run is not in progress are removed at the start of each run (null: never).",
     )
     adls: AdlsSettings = AdlsSettings()
 
@@ -81,3 +101,28 @@ class BronzeResource(ConfigurableResource):
         from pg_assets.sinks.local import LocalSink
 
         return LocalSink(self.root.removeprefix("file://"))
+
+    def sweep_staging_once(self, context: AssetExecutionContext, sink: Sink) -> None:
+        """Remove staging files of killed runs, once per run: one listing of `_staging/` and
+        one query of the instance for the runs in progress, whose files are kept whatever
+        their age. A run killed without Dagster noticing stays STARTED (the default run
+        launcher has no health check) and keeps its files until it is marked failed or
+        canceled. A failure is logged, never fatal: it costs storage, not data."""
+        run_id, max_age_h = context.run.run_id, self.staging_max_age_h
+        if max_age_h is None or run_id in _SWEPT_RUNS:
+            return
+        _SWEPT_RUNS.add(run_id)
+        try:
+            alive = context.instance.get_run_ids(RunsFilter(statuses=_ALIVE))
+            removed = sink.sweep_staging(max_age_h * 3600, keep_runs=alive)
+        except Exception as e:
+            context.log.warning(
+                f"sweeping staging files older than {max_age_h:g} h (bronze.staging_max_age_h) "
+                f"failed: {e}"
+            )
+            return
+        if removed:
+            context.log.info(
+                f"removed {len(removed)} staging file(s) older than {max_age_h:g} h left by "
+                f"killed runs (bronze.staging_max_age_h): {', '.join(removed)}"
+            )

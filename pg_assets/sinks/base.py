@@ -24,7 +24,7 @@ file is gone, `delete` when the path is gone. When a sink cannot tell either way
 import time
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 
 STAGING_DIR = "_staging"
@@ -148,18 +148,21 @@ class Sink(ABC):
     def _remove_staging_dir(self) -> None:
         """Remove `_staging` if it is empty; another writer's file keeps it."""
 
-    def sweep_staging(self, older_than_s: float) -> list[str]:
+    def sweep_staging(self, older_than_s: float, keep_runs: Collection[str] = ()) -> list[str]:
         """Delete the staging files the store last modified more than `older_than_s` seconds
         ago (leftovers of killed runs) and return their relative paths. A file without a
-        known time, or younger, is kept: another run may still be writing it. One listing of
+        known time, or younger, is kept: another run may still be writing it; so is every
+        file of the runs in `keep_runs` (runs known to be alive: on ADLS a file's time moves
+        only when it is created and flushed, so a long upload looks old). One listing of
         `_staging/`; raises `SinkError` when the listing fails or, after trying every old
         file, naming those that could not be deleted."""
         cutoff = time.time() - older_than_s
+        alive = tuple(f"{STAGING_DIR}/{run_id}-" for run_id in keep_runs)
         removed: list[str] = []
         failed: list[str] = []
         for rel, modified in sorted(self.staging_files()):
-            if modified is None or modified >= cutoff:
-                continue  # young (or of unknown age): a run may be writing it
+            if modified is None or modified >= cutoff or rel.startswith(alive):
+                continue  # young, of unknown age, or of a live run: it may be being written
             try:
                 self.delete(rel)  # a file published or discarded meanwhile is no error
             except Exception as e:

@@ -287,15 +287,21 @@ class Journal:
                         "kept until a batch from the same position commits (that run may have "
                         "lost its lock and still be publishing)"
                     )
-                elif set(p.files) <= {f["path"] for f in manifest["files"]}:
-                    head.adopt(rel, manifest)
-                    notes.append(f"batch {rel} of {p.who} was committed")
                 else:
-                    lost.append(p)
-                    notes.append(
-                        f"batch {rel} of {p.who} lost to run {str(manifest.get('run_id'))[:8]}: "
-                        f"deleted its {len(p.files)} file(s)"
-                    )
+                    # Only what the committed manifest does not name can go: a record rebuilt
+                    # from listings (`rebuild_head`) may hold the files of several attempts
+                    # from the same position, one of which may be the one that committed.
+                    named = {f["path"] for f in manifest["files"]}
+                    head.adopt(rel, manifest)
+                    if any(f in named for f in p.files):
+                        notes.append(f"batch {rel} of {p.who} was committed")
+                    if extra := [f for f in p.files if f not in named]:
+                        lost.append(Pending("batch", p.manifests, extra, p.run_id))
+                        notes.append(
+                            f"batch {rel} was committed by run "
+                            f"{str(manifest.get('run_id'))[:8]}: deleted {len(extra)} file(s) "
+                            f"of {p.who} it does not name"
+                        )
                 continue
             missing, unknown = [], False
             for ref in p.snapshots:
