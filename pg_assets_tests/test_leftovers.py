@@ -247,6 +247,13 @@ def test_the_late_data_sensor_finds_leftovers_and_offers_the_cleanup(
     settled = tick(p, again.cursor)
     assert settled.run_requests == [] and settled.asset_events == []
     assert '"leftovers": {}' in settled.cursor
+    # a file pg_assets never writes: reported, but no run is requested (none would remove it)
+    marker = f"{paths.folder}/_SUCCESS"
+    sink.write_bytes("someone else", marker, b"", "application/octet-stream")
+    foreign = tick(p, settled.cursor)
+    (ev,) = foreign.asset_events
+    assert foreign.run_requests == [] and not ev.passed
+    assert sink.uri(marker) in ev.description and "delete those by hand" in ev.description
 
 
 # -- staging files of killed runs ---------------------------------------------------------

@@ -75,7 +75,7 @@ from pg_assets.core.extract import lock_key
 from pg_assets.core.layout import PartitionPaths, daily_paths
 from pg_assets.core.planner import TableInfo, describe_table
 from pg_assets.core.publish import held_by
-from pg_assets.core.verify import DayCount, find_leftovers, recount_window, unnamed
+from pg_assets.core.verify import DayCount, Leftovers, find_leftovers, recount_window, unnamed
 from pg_assets.resources.bronze import BronzeResource
 from pg_assets.resources.postgres import PostgresResource
 from pg_assets.sinks.base import Sink
@@ -277,11 +277,11 @@ def _evaluation(
 
 def confirm_leftovers(
     conn: Any, sink: Sink, checks: DayChecks, folders: Folders, log: Any
-) -> dict[dt.date, list[str]]:
+) -> dict[dt.date, Leftovers]:
     """Of the days whose folder held other files, those where they are leftovers: no run of
     the day holds its lock, and they are there again on a second look (`find_leftovers`).
     Usually no day qualifies and this costs nothing; a failure is logged, not fatal."""
-    found: dict[dt.date, list[str]] = {}
+    found: dict[dt.date, Leftovers] = {}
     for day in sorted(folders.others):
         paths = daily_paths(checks.source, checks.table.name, day)
         key = lock_key(checks.source, checks.table.name, day)
@@ -293,7 +293,7 @@ def confirm_leftovers(
             log.warning(f"{checks.where(day)}: looking for files left by killed runs failed: {e}")
             continue
         if left.flagged:
-            found[day] = left.files
+            found[day] = left
     return found
 
 
@@ -305,11 +305,12 @@ def _leftover_evaluation(
     checks: DayChecks,
     sink: Sink,
     day: dt.date,
-    files: list[str],
+    left: Leftovers,
     action: str,
     sensor_name: str,
     instance: Any,
 ) -> AssetCheckEvaluation:
+    files = left.files
     uris = [sink.uri(f) for f in files]
     text = (
         f"{checks.where(day)}: the day folder holds {len(files)} file(s) its manifest does not "
@@ -317,6 +318,11 @@ def _leftover_evaluation(
         f"(date=*/*.csv.gz) would read their rows too; {action} (re-materializing the day "
         "removes them)"
     )
+    if foreign := len(files) - len(left.data_files):
+        text += (
+            f"; {foreign} of them are not pg_assets data files, which no run removes: delete "
+            "those by hand"
+        )
     meta = {
         "other_files": MetadataValue.json(uris),
         "detected_by": MetadataValue.text(f"sensor {sensor_name}"),
@@ -398,9 +404,11 @@ def build_late_data_sensor(
             reported[c.day.isoformat()] = c.state
         # leftovers: reported once per set of files; a day cleaned up leaves the cursor
         seen_left: dict[str, str] = cursor.get("leftovers", {})
-        left_now = {d.isoformat(): _files_state(f) for d, f in leftovers.items()}
+        left_now = {d.isoformat(): _files_state(left.files) for d, left in leftovers.items()}
         new_left = {
-            d: f for d, f in leftovers.items() if seen_left.get(d.isoformat()) != _files_state(f)
+            d: left
+            for d, left in leftovers.items()
+            if seen_left.get(d.isoformat()) != left_now[d.isoformat()]
         }
         next_cursor = json.dumps({"reported": reported, "leftovers": left_now}, sort_keys=True)
         if not new and not new_left:
@@ -409,8 +417,9 @@ def build_late_data_sensor(
         actions: dict[dt.date, str] = {}
         if cfg.late_data == "rematerialize":
             states_of = {c.day: c.state for c in new}
-            for d in new_left:
-                states_of[d] = states_of.get(d, "") + "|left:" + left_now[d.isoformat()]
+            for d, left in new_left.items():
+                if left.data_files:  # a run removes older data versions, nothing else
+                    states_of[d] = states_of.get(d, "") + "|left:" + left_now[d.isoformat()]
             for lo, hi in day_ranges(list(states_of), max_per_run):
                 states = "|".join(v for d, v in sorted(states_of.items()) if lo <= d <= hi)
                 digest = hashlib.sha256(states.encode()).hexdigest()[:16]
@@ -433,8 +442,10 @@ def build_late_data_sensor(
             _evaluation(checks, c, actions.get(c.day, warn), name, context.instance) for c in new
         ]
         events += [
-            _leftover_evaluation(checks, sink, d, f, actions.get(d, warn), name, context.instance)
-            for d, f in sorted(new_left.items())
+            _leftover_evaluation(
+                checks, sink, d, left, actions.get(d, warn), name, context.instance
+            )
+            for d, left in sorted(new_left.items())
         ]
         return SensorResult(run_requests=run_requests, asset_events=events, cursor=next_cursor)
 

@@ -226,6 +226,12 @@ class Journal:
                 f"stops here ({e})"
             ) from e
         except Exception as e:
+            # stat, read, stat: the etag kept must be that of our bytes, not of a write by the
+            # lock's new holder landing between the read and a later stat
+            try:
+                before = self.sink.stat(self.head_path)
+            except Exception:
+                before = None
             state = commit_state(self.sink, self.head_path, body)
             if state is None:
                 raise CdcError(
@@ -235,9 +241,15 @@ class Journal:
             if not state:
                 raise CdcError(f"writing {self.head_path} failed: {e}") from e
             try:
-                self._at = self.sink.stat(self.head_path)
+                after = self.sink.stat(self.head_path)
             except Exception as check:
                 raise CdcError(f"reading back {self.head_path} failed: {check}") from e
+            if before is None or after is None or before.etag != after.etag:
+                raise CdcError(
+                    f"writing {self.head_path} failed ({e}), and it changed again while this "
+                    "run read it back: another run holds the slot's lock, so this run stops here"
+                ) from e
+            self._at = after
             return
         self._at = FileInfo(published.size, published.etag)
 
