@@ -150,18 +150,7 @@ def test_kill_9_at_each_point_then_exactly_once(
     tmp_path,
 ):
     s, slot, pub = cdc_env
-    t = sql.Identifier(s, "orders")
-    db.execute(sql.SQL("CREATE TABLE {} (id int PRIMARY KEY, v text, n int)").format(t))
-    db.execute(
-        sql.SQL("INSERT INTO {} SELECT g, md5(g::text), 0 FROM generate_series(1, 300) g")
-        .format(t)
-    )  # fmt: skip
-    proj = project(
-        [{"table": f"{s}.orders", "mode": "cdc"}],
-        source="shop",
-        cdc={"slot": slot, "publication": pub},
-    )
-    assert _run_in_process(proj).success  # the snapshot
+    t, proj = _snapshotted_orders(db, s, slot, pub, project)
     witness = Witness.create(db, f"{slot}_w")
     try:
         _writes(db, t, 1000)
@@ -239,7 +228,8 @@ print(json.dumps({"success": result.success, "failures": failures}), flush=True)
 """
 
 
-def _orders_on_adls(db, s: str, slot: str, pub: str, project, adls):
+def _snapshotted_orders(db, s: str, slot: str, pub: str, project, **bronze):
+    """A CDC table `orders` of 300 rows, snapshotted by a first run."""
     t = sql.Identifier(s, "orders")
     db.execute(sql.SQL("CREATE TABLE {} (id int PRIMARY KEY, v text, n int)").format(t))
     db.execute(
@@ -250,7 +240,7 @@ def _orders_on_adls(db, s: str, slot: str, pub: str, project, adls):
         [{"table": f"{s}.orders", "mode": "cdc"}],
         source="shop",
         cdc={"slot": slot, "publication": pub},
-        bronze=adls_bronze(adls),
+        **bronze,
     )
     assert _run_in_process(proj).success  # the snapshot
     return t, proj
@@ -284,7 +274,7 @@ def test_a_run_that_lost_its_lock_cannot_commit_a_second_batch_from_its_start(
     (the slot has not moved), more than A did, and commits. A's late commit must fail, and A
     must not take B's files with it: every change once, the chain intact, no orphan."""
     s, slot, pub = cdc_env
-    t, proj = _orders_on_adls(db, s, slot, pub, project, adls)
+    t, proj = _snapshotted_orders(db, s, slot, pub, project, bronze=adls_bronze(adls))
     witness = Witness.create(db, f"{slot}_w")
     a = None
     release = threading.Event()
@@ -343,7 +333,7 @@ def test_a_commit_that_cannot_be_checked_deletes_nothing(
     a committed manifest may name; the next run finds the batch committed, advances the slot
     and goes on."""
     s, slot, pub = cdc_env
-    t, proj = _orders_on_adls(db, s, slot, pub, project, adls)
+    t, proj = _snapshotted_orders(db, s, slot, pub, project, bronze=adls_bronze(adls))
     witness = Witness.create(db, f"{slot}_w")
     try:
         _writes(db, t, 1000)

@@ -94,18 +94,25 @@ def test_killed_after_the_manifest_the_next_run_continues(db, inc, tmp_path):
     root = Path(p.config.bronze.root)
     config_path = p.config.path
     assert config_path is not None
-    killed_mid_run = 0
+    killed_mid_run = left_after_kill = 0
     for attempt in range(1, 4):
         insert(db, "crash", attempt * 10_000, 100)
         time.sleep(SETTLE_S)
+        # an earlier attempt of this batch, killed before its commit, left version 0: this
+        # attempt writes version 1 and would remove version 0 after its commit
+        earlier = root / paths.data(attempt, 0, ".gz")
+        earlier.parent.mkdir(parents=True, exist_ok=True)
+        earlier.write_bytes(b"an earlier attempt's file")
         code, status = run_and_kill_after_manifest(
             config_path, root / paths.manifest(attempt), tmp_path / f"home{attempt}"
         )
         assert code == -signal.SIGKILL
         # the run never ended: its own instance still has it running
         killed_mid_run += status == DagsterRunStatus.STARTED
+        left_after_kill += earlier.exists()
         assert status in (DagsterRunStatus.STARTED, DagsterRunStatus.SUCCESS)
     assert killed_mid_run >= 1, "every kill came after the run had ended"
+    assert left_after_kill >= 1, "every kill came after the lower version was removed"
     insert(db, "crash", 90_000, 10)
     time.sleep(SETTLE_S)
     meta = materialized(p.materialize())  # the next run, after three killed ones
@@ -117,6 +124,10 @@ def test_killed_after_the_manifest_the_next_run_continues(db, inc, tmp_path):
         assert m["previous"]["run_id"] == prev["run_id"]
     assert latest_by_key(batches) == table_rows("crash")
     assert [f for f in p.sink().list_files() if "_staging/" in f] == []
+    # each next run removed the lower version a killed run left of the batch before it: the
+    # folder holds exactly the data files the manifests name
+    named = {f"{paths.folder}/{m['file']}" for m, _ in batches}
+    assert {f for f in p.sink().list_files(paths.folder) if paths.version_of(f)} == named
 
 
 def test_a_run_that_lost_its_lock_cannot_commit_over_another(db, inc, adls, tmp_path):

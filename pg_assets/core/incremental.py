@@ -94,8 +94,8 @@ from pg_assets.core.layout import IncrementalPaths, incremental_paths, table_fol
 from pg_assets.core.planner import COPY_OPTIONS, CatalogError, Column
 from pg_assets.core.publish import (
     advisory_lock,
+    commit_create_only,
     commit_state,
-    committed_by,
     file_facts,
     read_manifest,
     snapshot_facts,
@@ -770,6 +770,11 @@ def _extract_locked(
         info = describe_incremental(conn, spec)
     previous = latest_manifest(sink, paths, batch_hint)
     batch = 0 if previous is None else int(previous["batch"]) + 1
+    if previous is not None:  # a run killed after its commit left its batch's lower versions
+        named = paths.version_of(f"{paths.folder}/{previous.get('file', '')}")
+        if named is not None:
+            extension = str(previous["file"]).partition(".csv")[2]  # "" for codec none
+            _remove_other_versions(sink, paths, named[0], named[1], extension)
     where = f"table {spec.table}, batch {batch}"
     with conn.transaction():  # before the snapshot: see the module docstring
         cap = read_cap(conn, info.kind, margin_s)
@@ -856,30 +861,27 @@ def _extract_locked(
         body = json.dumps(manifest, indent=2).encode()
         with conn.transaction():
             conn.execute("SELECT 1")  # still connected, so still holding the table's lock
-        try:
-            # create-only: a run that lost the table's lock (its session died) and another
-            # that took it cannot both commit this batch number
-            sink.write_bytes(run_id, manifest_rel, body, "application/json", if_none_match=True)
-            committed = True
-        except PreconditionFailed as e:
+        # create-only: a run that lost the table's lock (its session died) and another that
+        # took it cannot both commit this batch number
+        outcome = commit_create_only(sink, run_id, manifest_rel, body)
+        committed, e = outcome.done, outcome.error
+        if outcome.taken_by:
             raise IncrementalError(
-                f"{where}: {committed_by(sink, manifest_rel)} committed this batch while this run was publishing (this "
-                f"run's lock on the table was lost with its session), so this run's data file "
-                f"is discarded: {e}"
+                f"{where}: {outcome.taken_by} committed this batch while this run was publishing "
+                "(this run's lock on the table was lost with its session), so this run's data "
+                f"file is discarded: {e}"
             ) from e
-        except Exception as e:
-            committed = commit_state(sink, manifest_rel, body)
-            if committed is None:
-                raise IncrementalError(
-                    f"publishing the manifest of {where} failed and the lake could not be read "
-                    f"back to tell whether it happened ({e}); {data_rel} is kept, and the next "
-                    f"run settles it (it finds batch {batch} committed, or writes it again)"
-                ) from e
-            if not committed:
-                raise IncrementalError(
-                    f"publishing the manifest of {where} failed, so the batch is not committed "
-                    f"(the next run writes batch {batch} again): {e}"
-                ) from e
+        if committed is None:
+            raise IncrementalError(
+                f"publishing the manifest of {where} failed and the lake could not be read "
+                f"back to tell whether it happened ({e}); {data_rel} is kept, and the next "
+                f"run settles it (it finds batch {batch} committed, or writes it again)"
+            ) from e
+        if not committed:
+            raise IncrementalError(
+                f"publishing the manifest of {where} failed, so the batch is not committed "
+                f"(the next run writes batch {batch} again): {e}"
+            ) from e
     except BaseException:
         if staging is not None:
             sink.discard(staging)

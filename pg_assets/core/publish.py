@@ -14,6 +14,7 @@
 import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg
@@ -21,7 +22,7 @@ from psycopg import errors as pg_errors
 
 from pg_assets.core.compression import Codec
 from pg_assets.core.copy_stream import CopyStats
-from pg_assets.sinks.base import FileInfo, Published, Sink
+from pg_assets.sinks.base import FileInfo, PreconditionFailed, Published, Sink
 
 FORMAT = "csv, header (PostgreSQL COPY)"
 
@@ -127,6 +128,28 @@ def committed_by(sink: Sink, relpath: str) -> str:
     except Exception:
         return "another run"
     return f"run {manifest['run_id']}" if manifest.get("run_id") else "another run"
+
+
+@dataclass(frozen=True)
+class CreateOnly:
+    """The outcome of a create-only commit (`commit_create_only`)."""
+
+    done: bool | None  # committed; False: surely not; None: could not tell (delete nothing)
+    error: Exception | None = None  # why it is not plainly done
+    taken_by: str | None = None  # another writer's commit was there first: who
+
+
+def commit_create_only(sink: Sink, run_id: str, relpath: str, body: bytes) -> CreateOnly:
+    """Write a manifest that may exist only once (a batch's, a snapshot's): of two runs that
+    both believe they hold the lock, only the first commits. A failed or lost request is
+    checked against what the store holds (`commit_state`)."""
+    try:
+        sink.write_bytes(run_id, relpath, body, "application/json", if_none_match=True)
+    except PreconditionFailed as e:
+        return CreateOnly(False, e, taken_by=committed_by(sink, relpath))
+    except Exception as e:
+        return CreateOnly(commit_state(sink, relpath, body), e)
+    return CreateOnly(True)
 
 
 def snapshot_facts(conn: psycopg.Connection) -> dict[str, str]:

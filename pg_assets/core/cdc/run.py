@@ -50,9 +50,14 @@ from pg_assets.core.cdc.snapshot import SnapshotRef, TableSnapshot, snapshot_pat
 from pg_assets.core.compression import Codec
 from pg_assets.core.identifiers import QualifiedName
 from pg_assets.core.layout import cdc_change_file
-from pg_assets.core.publish import advisory_lock, commit_state, committed_by, read_manifest
+from pg_assets.core.publish import (
+    advisory_lock,
+    commit_create_only,
+    commit_state,
+    read_manifest,
+)
 from pg_assets.core.session import APPLICATION_NAME, connect_kwargs
-from pg_assets.sinks.base import PreconditionFailed, Published, Sink, StagingFile
+from pg_assets.sinks.base import Published, Sink, StagingFile
 
 MAX_BATCHES_PER_RUN = 20
 
@@ -445,30 +450,27 @@ def one_batch(
         )
         body = json.dumps(manifest, indent=2).encode()
         admin.execute("SELECT 1")  # still connected, so still holding the slot's lock
-        try:
-            # create-only: whichever run commits first owns the batch from `start`
-            sink.write_bytes(run_id, manifest_rel, body, "application/json", if_none_match=True)
-            committed = True
-        except PreconditionFailed as e:
+        # create-only: whichever run commits first owns the batch from `start`
+        outcome = commit_create_only(sink, run_id, manifest_rel, body)
+        committed, e = outcome.done, outcome.error
+        if outcome.taken_by:
             raise CdcError(
-                f"replication slot {src.slot!r}: {committed_by(sink, manifest_rel)} committed the "
-                f"batch from {format_lsn(start)} while this run was publishing its own (this "
-                "run's lock on the slot was lost with its session), so this run's "
-                f"{len(paths)} change file(s) are deleted: {e}"
+                f"replication slot {src.slot!r}: {outcome.taken_by} committed the batch from "
+                f"{format_lsn(start)} while this run was publishing its own (this run's lock on "
+                f"the slot was lost with its session), so this run's {len(paths)} change "
+                f"file(s) are deleted: {e}"
             ) from e
-        except Exception as e:
-            committed = commit_state(sink, manifest_rel, body)
-            if committed is None:
-                raise CdcError(
-                    f"publishing batch manifest {manifest_rel} failed and the lake could not be "
-                    f"read back to tell whether it happened ({e}); its change files are kept, "
-                    "and the next run settles the batch (committed, or read again)"
-                ) from e
-            if not committed:
-                raise CdcError(
-                    f"publishing batch manifest {manifest_rel} failed, so the batch is not "
-                    f"committed and will be read again: {e}"
-                ) from e
+        if committed is None:
+            raise CdcError(
+                f"publishing batch manifest {manifest_rel} failed and the lake could not be "
+                f"read back to tell whether it happened ({e}); its change files are kept, "
+                "and the next run settles the batch (committed, or read again)"
+            ) from e
+        if not committed:
+            raise CdcError(
+                f"publishing batch manifest {manifest_rel} failed, so the batch is not "
+                f"committed and will be read again: {e}"
+            ) from e
     except BaseException:
         for f in staged.values():
             sink.discard(f)

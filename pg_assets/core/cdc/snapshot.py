@@ -43,9 +43,9 @@ from pg_assets.core.copy_stream import CopyStats, stream_copy
 from pg_assets.core.identifiers import QualifiedName
 from pg_assets.core.layout import cdc_snapshot_file, cdc_snapshot_manifest
 from pg_assets.core.planner import rewritten_since_snapshot
-from pg_assets.core.publish import commit_state, file_facts
+from pg_assets.core.publish import commit_create_only, file_facts
 from pg_assets.core.session import connect_kwargs as session_kwargs
-from pg_assets.sinks.base import PreconditionFailed, Sink, StagingFile
+from pg_assets.sinks.base import Sink, StagingFile
 
 REPLAY_RULE = (
     "apply the change rows with _commit_lsn >= lsn (all rows of committed change files) in "
@@ -199,19 +199,17 @@ def commit_snapshot(sink: Sink, snapshot: TableSnapshot, run_id: str) -> None:
     where = f"the manifest of the snapshot of table {table_display(t.schema, t.name)}"
     rel = snapshot.ref.manifest
     body = json.dumps(snapshot.manifest, indent=2).encode()
-    try:
-        sink.write_bytes(run_id, rel, body, "application/json", if_none_match=True)
-    except PreconditionFailed as e:
-        raise CdcError(f"publishing {where} failed: another run wrote {rel}: {e}") from e
-    except Exception as e:
-        state = commit_state(sink, rel, body)
-        if state is None:
-            raise CdcError(
-                f"publishing {where} failed and the lake could not be read back to tell whether "
-                f"it happened ({e}); its data file is kept, the next run settles it"
-            ) from e
-        if not state:
-            raise CdcError(f"publishing {where} failed: {e}") from e
+    outcome = commit_create_only(sink, run_id, rel, body)
+    e = outcome.error
+    if outcome.taken_by:
+        raise CdcError(f"publishing {where} failed: {outcome.taken_by} wrote {rel}: {e}") from e
+    if outcome.done is None:
+        raise CdcError(
+            f"publishing {where} failed and the lake could not be read back to tell whether "
+            f"it happened ({e}); its data file is kept, the next run settles it"
+        ) from e
+    if not outcome.done:
+        raise CdcError(f"publishing {where} failed: {e}") from e
 
 
 def lock_tables(
