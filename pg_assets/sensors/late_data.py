@@ -87,6 +87,7 @@ COUNT_TIMEOUT_S = 30
 HASH_TIMEOUT_S = 15
 MANIFEST_READERS = 8  # manifests read at once (ADLS: one round trip each)
 MANIFEST_TIMEOUT_S = 40
+LEFTOVERS_BUDGET_S = 10  # days with extra files looked at again, per tick; the rest next tick
 
 
 def closed_window(
@@ -282,7 +283,15 @@ def confirm_leftovers(
     the day holds its lock, and they are there again on a second look (`find_leftovers`).
     Usually no day qualifies and this costs nothing; a failure is logged, not fatal."""
     found: dict[dt.date, Leftovers] = {}
-    for day in sorted(folders.others):
+    days = sorted(folders.others)
+    deadline = time.monotonic() + LEFTOVERS_BUDGET_S
+    for i, day in enumerate(days):
+        if time.monotonic() > deadline:
+            log.warning(
+                f"{checks.where(days[i])}: {len(days) - i} day(s) with extra files not looked at "
+                f"within {LEFTOVERS_BUDGET_S} s; the next tick goes on"
+            )
+            break
         paths = daily_paths(checks.source, checks.table.name, day)
         key = lock_key(checks.source, checks.table.name, day)
         try:
