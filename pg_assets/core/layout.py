@@ -5,7 +5,8 @@
     <root>/<source>/<S>.<T>/incremental/<T>-<batch:06d>-<n>.csv<ext>            incremental batch
     <root>/<source>/<S>.<T>/incremental/<T>-<batch:06d>.json                    its commit point
     <root>/<source>/<S>.<T>/cdc/<T>-<start>-<end>-<token>[-<part>].csv<ext>    CDC change files
-    <root>/<source>/<S>.<T>/cdc/<T>-snapshot-<lsn>.csv<ext> + .json             CDC snapshots
+    <root>/<source>/<S>.<T>/cdc/<T>-snapshot-<lsn>-<token>.csv<ext>             CDC snapshot
+    <root>/<source>/<S>.<T>/cdc/<T>-snapshot-<lsn>.json                         its commit point
     <root>/<source>/_cdc/<slot>/<start>.json                                    CDC commit points
     <root>/<source>/_cdc/<slot>/_head.json                                      CDC position cache
     <root>/_staging/<run_id>-<token>-<file>                                     never read
@@ -26,6 +27,7 @@ files of another codec). See `pg_assets.core.extract` for the protocol.
 """
 
 import datetime as dt
+import hashlib
 import re
 import uuid
 from dataclasses import dataclass
@@ -190,10 +192,16 @@ def cdc_change_file(
     )
 
 
-def cdc_snapshot_file(source: str, table: QualifiedName, lsn: int, extension: str) -> str:
+def cdc_snapshot_file(
+    source: str, table: QualifiedName, lsn: int, run_id: str, extension: str
+) -> str:
     """The table's full extract at the slot position `lsn`: changes committed at or after
-    `lsn` apply to it."""
-    return f"{cdc_folder(source, table)}/{encode_segment(table.name)}-snapshot-{_hex(lsn)}.csv{extension}"
+    `lsn` apply to it. `-<token>` (8 hex digits of the run's id) keeps two runs that got the
+    same consistent point (one of them had lost the source's lock) off each other's file;
+    only one of them commits the manifest, which is create-only."""
+    token = hashlib.sha256(run_id.encode()).hexdigest()[:8]
+    name = f"{encode_segment(table.name)}-snapshot-{_hex(lsn)}-{token}.csv{extension}"
+    return f"{cdc_folder(source, table)}/{name}"
 
 
 def cdc_snapshot_manifest(source: str, table: QualifiedName, lsn: int) -> str:

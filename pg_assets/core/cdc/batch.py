@@ -222,8 +222,9 @@ class Journal:
         except PreconditionFailed as e:
             raise CdcError(
                 f"replication slot {self.slot!r}: another run wrote {self.head_path} since this "
-                f"run read it: this run's lock on the slot was lost with its session, so it "
-                f"stops here ({e})"
+                "run read it (this run's lock on the slot was lost with its session, or a run "
+                "that had lost it wrote late), so this run stops here and the next one settles "
+                f"the lake ({e})"
             ) from e
         except Exception as e:
             # stat, read, stat: the etag kept must be that of our bytes, not of a write by the

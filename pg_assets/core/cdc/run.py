@@ -246,7 +246,7 @@ def _snapshot(
     run_id: str,
 ) -> list[TableSnapshot]:
     def record(lsn: int) -> None:
-        paths = snapshot_paths(src.source, tables, lsn, src.codec)
+        paths = snapshot_paths(src.source, tables, lsn, src.codec, run_id)
         refs = [SnapshotRef(t, lsn, m, d) for t, (d, m) in zip(tables, paths, strict=True)]
         journal.begin(
             head,

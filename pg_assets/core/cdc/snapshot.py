@@ -90,12 +90,12 @@ class TableSnapshot:
 
 
 def snapshot_paths(
-    source: str, tables: Sequence[QualifiedName], lsn: int, codec: Codec
+    source: str, tables: Sequence[QualifiedName], lsn: int, codec: Codec, run_id: str
 ) -> list[tuple[str, str]]:
-    """(data, manifest) relpaths of each table's snapshot at `lsn`."""
+    """(data, manifest) relpaths of each table's snapshot at `lsn` taken by run `run_id`."""
     return [
         (
-            cdc_snapshot_file(source, t, lsn, codec.extension),
+            cdc_snapshot_file(source, t, lsn, run_id, codec.extension),
             cdc_snapshot_manifest(source, t, lsn),
         )
         for t in tables
@@ -149,7 +149,7 @@ def copy_snapshot(
     and locked the table) into Bronze, and publish its data file. Its manifest is written by
     `commit_snapshot`. The caller has recorded both paths as pending."""
     where = f"snapshot of table {table_display(table.schema, table.name)}"
-    data_rel, manifest_rel = snapshot_paths(source, [table], lsn, codec)[0]
+    data_rel, manifest_rel = snapshot_paths(source, [table], lsn, codec, run_id)[0]
     columns = table_columns(conn, table)
     staging: StagingFile | None = sink.open_staging(run_id, data_rel, codec.content_type)
     try:
