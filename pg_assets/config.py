@@ -73,7 +73,9 @@ class BronzeConfig(_Strict):
         gt=0,
         description="staging files (`_staging/`) the store last modified longer ago than this, "
         "of runs the Dagster instance does not report in progress, are leftovers of killed runs "
-        "and are removed at the start of each run (null: never sweep)",
+        "and are removed at the start of each run (null: never sweep); for writers the "
+        "instance does not know (extract CLI, `pg-assets cdc setup`) it must exceed the "
+        "longest time one file takes to write",
     )
     adls: AdlsSettings = AdlsSettings()
 

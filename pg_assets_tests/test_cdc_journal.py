@@ -9,9 +9,15 @@ that a committed batch manifest names.
 
 import json
 
-from pg_assets.core.cdc.batch import Journal
+from pg_assets.core.cdc.batch import Journal, Pending
+from pg_assets.core.cdc.snapshot import SnapshotRef
 from pg_assets.core.identifiers import QualifiedName
-from pg_assets.core.layout import cdc_batch_manifest, cdc_change_file
+from pg_assets.core.layout import (
+    cdc_batch_manifest,
+    cdc_change_file,
+    cdc_snapshot_file,
+    cdc_snapshot_manifest,
+)
 from pg_assets.sinks.local import LocalSink
 
 SOURCE, SLOT = "shop", "s1"
@@ -64,3 +70,34 @@ def test_a_rebuilt_head_never_deletes_a_file_a_committed_batch_names(tmp_path):
     assert sink.stat(killed) is None, notes
     assert head.committed is not None and head.committed.end_lsn == E2
     assert not head.unsettled
+
+
+def test_a_snapshot_that_lost_to_another_at_the_same_point_leaves_only_the_winner(tmp_path):
+    """Two runs took a snapshot of the table at the same consistent point (one had lost the
+    source's lock); each wrote its own file (their names carry the run's token), and the other
+    run's create-only manifest won. Settling this run's record deletes only this run's file,
+    and the head points at the file the manifest names."""
+    sink = LocalSink(tmp_path / "bronze")
+    lsn = 0x900
+    mine = cdc_snapshot_file(SOURCE, TABLE, lsn, "run-x", ".gz")
+    theirs = cdc_snapshot_file(SOURCE, TABLE, lsn, "run-y", ".gz")
+    assert mine != theirs
+    manifest = cdc_snapshot_manifest(SOURCE, TABLE, lsn)
+    journal = Journal(sink, SOURCE, SLOT, "run-x")
+    head, _ = journal.load([TABLE])
+    journal.begin(
+        head,
+        Pending("snapshot", [manifest], [mine], "run-x",
+                snapshots=[SnapshotRef(TABLE, lsn, manifest, mine)], committing=True),
+    )  # fmt: skip
+    sink.write_bytes("run-x", mine, b"x's snapshot", "application/gzip")
+    sink.write_bytes("run-y", theirs, b"y's snapshot", "application/gzip")
+    sink.write_bytes(
+        "run-y", manifest, json.dumps({"path": theirs, "lsn": f"{lsn:016X}"}).encode(), "x",
+        if_none_match=True,
+    )  # fmt: skip
+
+    head, notes = Journal(sink, SOURCE, SLOT, "run-c").load([TABLE])
+    assert sink.stat(mine) is None, notes
+    assert sink.read_bytes(theirs) == b"y's snapshot"
+    assert head.snapshots[TABLE].file == theirs and not head.unsettled

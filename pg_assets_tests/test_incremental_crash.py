@@ -94,7 +94,7 @@ def test_killed_after_the_manifest_the_next_run_continues(db, inc, tmp_path):
     root = Path(p.config.bronze.root)
     config_path = p.config.path
     assert config_path is not None
-    killed_mid_run = left_after_kill = 0
+    killed_mid_run = 0
     for attempt in range(1, 4):
         insert(db, "crash", attempt * 10_000, 100)
         time.sleep(SETTLE_S)
@@ -109,10 +109,11 @@ def test_killed_after_the_manifest_the_next_run_continues(db, inc, tmp_path):
         assert code == -signal.SIGKILL
         # the run never ended: its own instance still has it running
         killed_mid_run += status == DagsterRunStatus.STARTED
-        left_after_kill += earlier.exists()
         assert status in (DagsterRunStatus.STARTED, DagsterRunStatus.SUCCESS)
+        # the kill lands within ~100 µs of the commit, before or after that removal: put the
+        # file back if it came after, so that what the next run finds does not depend on it
+        earlier.write_bytes(b"an earlier attempt's file")
     assert killed_mid_run >= 1, "every kill came after the run had ended"
-    assert left_after_kill >= 1, "every kill came after the lower version was removed"
     insert(db, "crash", 90_000, 10)
     time.sleep(SETTLE_S)
     meta = materialized(p.materialize())  # the next run, after three killed ones

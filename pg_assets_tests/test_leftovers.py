@@ -254,6 +254,10 @@ def test_the_late_data_sensor_finds_leftovers_and_offers_the_cleanup(
     (ev,) = foreign.asset_events
     assert foreign.run_requests == [] and not ev.passed
     assert sink.uri(marker) in ev.description and "delete those by hand" in ev.description
+    assert "no run requested" in ev.description and "killed" not in ev.description
+    quiet = tick(p, foreign.cursor)  # reported once: not again while the folder is the same
+    assert quiet.run_requests == [] and quiet.asset_events == []
+    assert quiet.cursor == foreign.cursor
 
 
 # -- staging files of killed runs ---------------------------------------------------------

@@ -57,14 +57,10 @@ class AdlsSettings(Config):
     )
 
 
-# Runs still writing (or about to): their staging files are never swept, whatever their age.
-_ALIVE = [
-    DagsterRunStatus.QUEUED,
-    DagsterRunStatus.NOT_STARTED,
-    DagsterRunStatus.STARTING,
-    DagsterRunStatus.STARTED,
-    DagsterRunStatus.CANCELING,
-]
+# Runs that have ended; the staging files of every other run the instance knows (queued,
+# starting, started, canceling, suspended, managed elsewhere...) are never swept.
+_ENDED = {DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED}
+_NOT_ENDED = [status for status in DagsterRunStatus if status not in _ENDED]
 # Runs of this process that already swept `_staging/`: the definitions use the in-process
 # executor, so every step and every retry of a run runs here, and sweeps once.
 _SWEPT_RUNS: set[str] = set()
@@ -113,7 +109,7 @@ class BronzeResource(ConfigurableResource):
             return
         _SWEPT_RUNS.add(run_id)
         try:
-            alive = context.instance.get_run_ids(RunsFilter(statuses=_ALIVE))
+            alive = context.instance.get_run_ids(RunsFilter(statuses=_NOT_ENDED))
             removed = sink.sweep_staging(max_age_h * 3600, keep_runs=alive)
         except Exception as e:
             context.log.warning(

@@ -19,7 +19,10 @@ data file beside the one the manifest names, that glob readers would read too): 
 folder is listed instead of asking for its manifest's properties, so this costs no extra
 request. A day with such files (and no run of it in progress: nobody holds its lock) gets a
 failed `bronze_readable` (WARN) naming them, and with `rematerialize` a run of the day, whose
-publish removes every older data file of the day.
+publish removes every older data file of the day. Files pg_assets never writes (a `_SUCCESS`
+marker) are reported the same way but request no run, since no run would remove them. A day
+is looked at again only when its folder lists other files than were reported; this part of
+a tick has a time budget (`LEFTOVERS_BUDGET_S`), and what it leaves, the next tick does.
 
 The cursor remembers which state of which day was already reported (the manifest's sha256
 and the source's count and hash), so a day is reported and re-requested once per change, not
@@ -36,7 +39,7 @@ import datetime as dt
 import hashlib
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -277,20 +280,38 @@ def _evaluation(
 
 
 def confirm_leftovers(
-    conn: Any, sink: Sink, checks: DayChecks, folders: Folders, log: Any
-) -> dict[dt.date, Leftovers]:
+    conn: Any,
+    sink: Sink,
+    checks: DayChecks,
+    folders: Folders,
+    log: Any,
+    reported: Mapping[str, str],
+) -> tuple[dict[dt.date, Leftovers], dict[str, str]]:
     """Of the days whose folder held other files, those where they are leftovers: no run of
     the day holds its lock, and they are there again on a second look (`find_leftovers`).
-    Usually no day qualifies and this costs nothing; a failure is logged, not fatal."""
+    Returns them, and the cursor state of the days already `reported` whose folder lists the
+    same files again: those are not looked at again (no lock query, no second listing), so
+    files nobody removes (a `_SUCCESS` marker) cost nothing after their report. Usually no
+    day qualifies and this costs nothing; a failure is logged, not fatal; what the budget
+    leaves is looked at next tick (days confirmed now are skipped then)."""
     found: dict[dt.date, Leftovers] = {}
-    days = sorted(folders.others)
+    still: dict[str, str] = {}
+    todo = []
+    for day in sorted(folders.others):
+        state = reported.get(day.isoformat())
+        if state is not None and state == _files_state(folders.others[day]):
+            still[day.isoformat()] = state
+        else:
+            todo.append(day)
     deadline = time.monotonic() + LEFTOVERS_BUDGET_S
-    for i, day in enumerate(days):
+    for i, day in enumerate(todo):
         if time.monotonic() > deadline:
             log.warning(
-                f"{checks.where(days[i])}: {len(days) - i} day(s) with extra files not looked at "
-                f"within {LEFTOVERS_BUDGET_S} s; the next tick goes on"
+                f"{checks.where(day)}: {len(todo) - i} day(s) with extra files not looked at "
+                f"within {LEFTOVERS_BUDGET_S} s; the next tick goes on with them"
             )
+            still |= {d.isoformat(): reported[d.isoformat()] for d in todo[i:]
+                      if d.isoformat() in reported}  # fmt: skip
             break
         paths = daily_paths(checks.source, checks.table.name, day)
         key = lock_key(checks.source, checks.table.name, day)
@@ -303,7 +324,7 @@ def confirm_leftovers(
             continue
         if left.flagged:
             found[day] = left
-    return found
+    return found, still
 
 
 def _files_state(files: Sequence[str]) -> str:
@@ -321,16 +342,25 @@ def _leftover_evaluation(
 ) -> AssetCheckEvaluation:
     files = left.files
     uris = [sink.uri(f) for f in files]
-    text = (
-        f"{checks.where(day)}: the day folder holds {len(files)} file(s) its manifest does not "
-        f"name, left by a run that was killed while publishing: {', '.join(uris)}. Glob readers "
-        f"(date=*/*.csv.gz) would read their rows too; {action} (re-materializing the day "
-        "removes them)"
-    )
-    if foreign := len(files) - len(left.data_files):
-        text += (
-            f"; {foreign} of them are not pg_assets data files, which no run removes: delete "
-            "those by hand"
+    foreign = len(files) - len(left.data_files)
+    if left.data_files:
+        text = (
+            f"{checks.where(day)}: the day folder holds {len(files)} file(s) its manifest does "
+            f"not name, left by a run that was killed while publishing: {', '.join(uris)}. Glob "
+            f"readers (date=*/*.csv.gz) would read their rows too; {action} (re-materializing "
+            "the day removes its older data files)"
+        )
+        if foreign:
+            text += (
+                f"; {foreign} of them are not pg_assets data files, which no run removes: "
+                "delete those by hand"
+            )
+    else:
+        action = "no run requested: a run removes only older pg_assets data files"
+        text = (
+            f"{checks.where(day)}: the day folder holds {foreign} file(s) that pg_assets did not "
+            f"write and its manifest does not name: {', '.join(uris)}. Glob readers may read "
+            f"them too; {action}, so delete those by hand"
         )
     meta = {
         "other_files": MetadataValue.json(uris),
@@ -388,10 +418,14 @@ def build_late_data_sensor(
             raise RuntimeError(f"{where}: reading the manifests from Bronze failed: {e}") from e
         manifests = folders.manifests
         read_s = time.perf_counter() - started
+        cursor = json.loads(context.cursor) if context.cursor else {}
+        seen_left: dict[str, str] = cursor.get("leftovers", {})
         try:
             with postgres.connection() as conn:
                 recount = find_changes(conn, checks, manifests, first, last)
-                leftovers = confirm_leftovers(conn, sink, checks, folders, context.log)
+                leftovers, still_left = confirm_leftovers(
+                    conn, sink, checks, folders, context.log, seen_left
+                )
         except Exception as e:
             raise RuntimeError(f"{where}: re-counting the days in PostgreSQL failed: {e}") from e
         changes = recount.changes
@@ -400,11 +434,11 @@ def build_late_data_sensor(
         took = time.perf_counter() - started
         summary = (
             f"{where}: {len(manifests)} day(s) in Bronze, {len(changes)} changed, "
-            f"{len(leftovers)} with files left by killed runs (manifests {read_s:.2f} s, "
+            f"{len(leftovers) + len(still_left)} with files their manifest does not name "
+            f"(manifests {read_s:.2f} s, "
             f"total {took:.2f} s)"
         )
         context.log.info(summary)
-        cursor = json.loads(context.cursor) if context.cursor else {}
         reported: dict[str, str] = {
             d: s for d, s in cursor.get("reported", {}).items() if d >= first.isoformat()
         }
@@ -412,8 +446,9 @@ def build_late_data_sensor(
         for c in changes:
             reported[c.day.isoformat()] = c.state
         # leftovers: reported once per set of files; a day cleaned up leaves the cursor
-        seen_left: dict[str, str] = cursor.get("leftovers", {})
-        left_now = {d.isoformat(): _files_state(left.files) for d, left in leftovers.items()}
+        left_now = still_left | {
+            d.isoformat(): _files_state(left.files) for d, left in leftovers.items()
+        }
         new_left = {
             d: left
             for d, left in leftovers.items()

@@ -50,7 +50,7 @@ import datetime as dt
 import json
 import re
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from pg_assets import __version__
@@ -316,16 +316,22 @@ class Journal:
                             f"of {p.who} it does not name"
                         )
                 continue
-            missing, unknown = [], False
+            missing, unknown, beaten = [], False, []
             for ref in p.snapshots:
                 try:
-                    present = read_manifest(self.sink, ref.manifest) is not None
+                    doc = read_manifest(self.sink, ref.manifest)
                 except Exception:
-                    present, unknown = False, True
-                if not present:
+                    doc, unknown = None, True
+                if doc is None:
                     missing.append(ref)
-                elif ref.table not in head.snapshots or head.snapshots[ref.table].lsn < ref.lsn:
-                    head.snapshots[ref.table] = ref
+                    continue
+                committed = str(doc.get("path") or ref.file)
+                if committed != ref.file:  # another run's snapshot at the same point won
+                    beaten.append(ref.file)  # ours by its token: no manifest can name it
+                if ref.table not in head.snapshots or head.snapshots[ref.table].lsn < ref.lsn:
+                    head.snapshots[ref.table] = replace(ref, file=committed)
+            if beaten:
+                lost.append(Pending("snapshot", [], beaten, p.run_id))
             rest = Pending(
                 "snapshot",
                 [r.manifest for r in missing],
