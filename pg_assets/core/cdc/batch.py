@@ -245,7 +245,12 @@ class Journal:
                 after = self.sink.stat(self.head_path)
             except Exception as check:
                 raise CdcError(f"reading back {self.head_path} failed: {check}") from e
-            if before is None or after is None or before.etag != after.etag:
+            if before is None or after is None:
+                raise CdcError(
+                    f"writing {self.head_path} failed ({e}), and reading it back failed too: "
+                    "this run stops here, and the next one settles the lake"
+                ) from e
+            if before.etag != after.etag:
                 raise CdcError(
                     f"writing {self.head_path} failed ({e}), and it changed again while this "
                     "run read it back: another run holds the slot's lock, so this run stops here"
