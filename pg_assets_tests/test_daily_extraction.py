@@ -7,6 +7,10 @@ import hashlib
 
 import psycopg
 import pytest
+from dagster._core.storage.tags import (
+    ASSET_PARTITION_RANGE_END_TAG,
+    ASSET_PARTITION_RANGE_START_TAG,
+)
 from psycopg import sql
 
 from pg_assets.catalog import check_tables
@@ -214,3 +218,21 @@ def test_codecs_roundtrip(tables, project, db, codec, level):
         db, day_query(sql.Identifier("plan", "monthly"), "order_date", DAYS[0])
     )
     assert c.decompress(data) == expected
+
+
+def test_a_day_that_has_not_ended_is_refused(tables, project):
+    """A run whose range reaches today (or beyond) in the table's time zone commits nothing:
+    a day extracted early would look complete in Bronze."""
+    p = project([{"table": "plan.flat", "partition_column": "order_date", "start": "2026-10-01"}])
+    today = dt.datetime.now(dt.UTC).date()
+    yesterday = today - dt.timedelta(days=1)
+    result = p.materialize(
+        None,
+        tags={ASSET_PARTITION_RANGE_START_TAG: yesterday.isoformat(),
+              ASSET_PARTITION_RANGE_END_TAG: today.isoformat()},
+    )  # fmt: skip
+    assert not result.success
+    (failure,) = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+    assert f"{today} has not ended yet in UTC" in failure.step_failure_data.error.message
+    assert result.get_asset_materialization_events() == []
+    assert p.sink().list_files() == []

@@ -6,6 +6,7 @@ need PostgreSQL nor pay for it: a 200-table config is imported in a fresh interp
 conninfo pointing at a loopback listener that counts connection attempts (it must see none).
 """
 
+import datetime as dt
 import os
 import socket
 import subprocess
@@ -186,3 +187,29 @@ def test_check_fails_when_it_cannot_check(checkable, tmp_path, pg_conninfo, list
     monkeypatch.setenv("PG_ASSETS_CONNINFO", f"host=127.0.0.1 port={listener.port} user=x")
     with pytest.raises(UncheckableError, match="PostgreSQL is unreachable"):
         check_tables(load_config(config))
+
+
+def test_backfill_outside_the_tables_days_is_one_line(checkable, tmp_path, pg_conninfo):
+    """`pg-assets backfill` of days before the first day or not yet ended names the table and
+    the days it has, and runs nothing."""
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "source": "lc",
+                "bronze": {"root": str(tmp_path / "bronze")},
+                "tables": [
+                    {"table": "loadcheck.t", "partition_column": "d", "start": "2025-03-01"}
+                ],
+            }
+        )
+    )
+    today = dt.datetime.now(dt.UTC).date()
+    for start, end in [("2025-02-27", "2025-03-02"), (str(today), str(today))]:
+        out = cli(["backfill", "--start", start, "--end", end], config, tmp_path,
+                  PG_ASSETS_CONNINFO=pg_conninfo, DAGSTER_HOME=str(tmp_path / "dh"))  # fmt: skip
+        assert out.returncode == 2, out.stdout + out.stderr
+        assert "Traceback" not in out.stderr
+        assert out.stderr.startswith(f"error: table loadcheck.t: {start} to {end} is not within")
+        assert f"2025-03-01 to {today - dt.timedelta(days=1)}" in out.stderr
+    assert not (tmp_path / "bronze").exists()

@@ -27,6 +27,7 @@ import warnings
 from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, NoReturn
+from zoneinfo import ZoneInfo
 
 import psycopg_pool
 from dagster import (
@@ -293,6 +294,13 @@ def _define(
         early = [d for d in days if d < resolved.start]
         if early:
             raise Failure(f"{where}: {early[0]} is before the first day {resolved.start}")
+        today = dt.datetime.now(ZoneInfo(table.timezone)).date()
+        if unfinished := [d for d in days if d >= today]:
+            # a day's file must hold the whole day: committed early, it would look complete
+            raise Failure(
+                f"{where}: {unfinished[0]} has not ended yet in {table.timezone} (today is "
+                f"{today}); a day is extracted once it is over"
+            )
         if context.retry_number > 0:
             done = materialized_in_this_run(context, key)
             days = [d for d in days if d.isoformat() not in done]

@@ -187,7 +187,7 @@ def cmd_write(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub) -> None:  # noqa: ANN001 - argparse's private subparsers type
-    p = sub.add_parser("cdc", help="change data capture: setup, drop, status")
+    p = sub.add_parser("cdc", help="change data capture: setup, drop, status, write")
     p.set_defaults(fn=cmd_cdc)
     actions = p.add_subparsers(dest="action", required=True)
     s = actions.add_parser("setup", help="create the publication and slot; snapshot tables")

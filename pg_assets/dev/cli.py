@@ -123,15 +123,21 @@ def _check(quiet: bool = False) -> int:
     return 2 if problems else 0
 
 
-def cmd_check(args: argparse.Namespace) -> int:
+def _up_for_the_demo_config() -> None:
+    """With the demo config (no PG_ASSETS_CONFIG, the default conninfo variable), use the
+    embedded server, as `demo` and `dev` do; a user's config uses the user's database."""
     from pg_assets.config import CONFIG_ENV, load_config
 
     try:
         conninfo_env = load_config().postgres.conninfo_env
-    except Exception:  # reported by _check with its file, table and key
+    except Exception:  # reported by the command itself with its file, table and key
         conninfo_env = CONNINFO_ENV
     if conninfo_env == CONNINFO_ENV and not os.environ.get(CONFIG_ENV):
-        _up()  # the demo config: check against the embedded server, as demo and dev use
+        _up()
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    _up_for_the_demo_config()
     return _check()
 
 
@@ -149,6 +155,7 @@ def cmd_backfill(args: argparse.Namespace) -> int:
     if args.end < args.start:
         print(f"error: --end {args.end} is before --start {args.start}", file=sys.stderr)
         return 2
+    _up_for_the_demo_config()
     return _materialize(args.start, args.end, tables=args.table or None, demo=False)
 
 
@@ -174,9 +181,24 @@ def _materialize(start: dt.date, end: dt.date, *, tables: list[str] | None, demo
     if wanted is not None and (unknown := wanted - set(by_table)):
         print(f"error: not in {config.path}: {', '.join(map(str, unknown))}", file=sys.stderr)
         return 2
-    instance = DagsterInstance.get()
     days = [start + dt.timedelta(days=n) for n in range((end - start).days + 1)]
     selected = [t for t in config.tables_of("daily") if wanted is None or t.name in wanted]
+    for table in selected:  # the days the asset has: from its first day to its last ended one
+        partitions = defs.get_assets_def(asset_key(config.source, table)).partitions_def
+        first, last = partitions.get_first_partition_key(), partitions.get_last_partition_key()
+        if (
+            first is None
+            or last is None
+            or not first <= start.isoformat() <= end.isoformat() <= last
+        ):
+            have = f"{first} to {last}" if first and last else "none yet"
+            print(
+                f"error: table {table.name}: {start} to {end} is not within its days ({have}: "
+                f"from its first day to the last that has ended in {table.timezone})",
+                file=sys.stderr,
+            )
+            return 2
+    instance = DagsterInstance.get()
     print(f"materializing {len(days)} days × {len(selected)} tables into {config.bronze.root}")
     print(
         f"{'asset':<28} {'day':<11} {'rows':>8} {'raw MB':>8} {'gz MB':>7} {'ratio':>6} {'MB/s':>7}  relation"

@@ -35,7 +35,7 @@ from pg_assets.sinks.base import (
     staging_relpath,
 )
 
-LOCKS_DIR = "_locks"  # beside _staging; never read: one lock file per conditional target
+LOCKS_DIR = "_locks"  # beside _staging; never read: 256 lock stripes for conditional renames
 _CAS_WAIT_S = 30.0
 
 _LOCK_TIMEOUT_S = 30.0  # discard waits this long for a write in progress on another thread
