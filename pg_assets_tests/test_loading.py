@@ -115,6 +115,18 @@ def checkable(db: psycopg.Connection) -> None:
     )
 
 
+def loadcheck_config(tmp_path: Path, column: str, **table: str) -> Path:
+    """A config of source `lc` with the one table loadcheck.t, Bronze under tmp_path."""
+    config = tmp_path / "c.yaml"
+    entry = {"table": "loadcheck.t", "partition_column": column, **table}
+    config.write_text(
+        yaml.safe_dump(
+            {"source": "lc", "bronze": {"root": str(tmp_path / "bronze")}, "tables": [entry]}
+        )
+    )
+    return config
+
+
 def cli(args: list[str], config: Path, cwd: Path, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [PG_ASSETS, *args],
@@ -127,16 +139,7 @@ def cli(args: list[str], config: Path, cwd: Path, **env: str) -> subprocess.Comp
 
 
 def test_check_caches_the_first_day_and_loading_uses_it(checkable, tmp_path, pg_conninfo):
-    config = tmp_path / "c.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "source": "lc",
-                "bronze": {"root": str(tmp_path / "bronze")},
-                "tables": [{"table": "loadcheck.t", "partition_column": "d"}],
-            }
-        )
-    )
+    config = loadcheck_config(tmp_path, "d")
     out = cli(["check"], config, tmp_path, PG_ASSETS_CONNINFO=pg_conninfo)
     assert out.returncode == 0, out.stderr
     assert "loadcheck.t: ok" in out.stdout and "first day 2025-03-01" in out.stdout
@@ -162,18 +165,7 @@ def test_check_caches_the_first_day_and_loading_uses_it(checkable, tmp_path, pg_
 
 
 def test_check_fails_when_it_cannot_check(checkable, tmp_path, pg_conninfo, listener, monkeypatch):
-    config = tmp_path / "c.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "source": "lc",
-                "bronze": {"root": str(tmp_path / "bronze")},
-                "tables": [
-                    {"table": "loadcheck.t", "partition_column": "dd", "start": "2025-03-01"}
-                ],
-            }
-        )
-    )
+    config = loadcheck_config(tmp_path, "dd", start="2025-03-01")
     # a misspelled column: a config error, exit 2, naming file, table and key
     out = cli(["check"], config, tmp_path, PG_ASSETS_CONNINFO=pg_conninfo)
     assert out.returncode == 2, out
@@ -192,18 +184,7 @@ def test_check_fails_when_it_cannot_check(checkable, tmp_path, pg_conninfo, list
 def test_backfill_outside_the_tables_days_is_one_line(checkable, tmp_path, pg_conninfo):
     """`pg-assets backfill` of days before the first day or not yet ended names the table and
     the days it has, and runs nothing."""
-    config = tmp_path / "c.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "source": "lc",
-                "bronze": {"root": str(tmp_path / "bronze")},
-                "tables": [
-                    {"table": "loadcheck.t", "partition_column": "d", "start": "2025-03-01"}
-                ],
-            }
-        )
-    )
+    config = loadcheck_config(tmp_path, "d", start="2025-03-01")
     today = dt.datetime.now(dt.UTC).date()
     for start, end in [("2025-02-27", "2025-03-02"), (str(today), str(today))]:
         out = cli(["backfill", "--start", start, "--end", end], config, tmp_path,
