@@ -194,3 +194,18 @@ def test_backfill_outside_the_tables_days_is_one_line(checkable, tmp_path, pg_co
         assert out.stderr.startswith(f"error: table loadcheck.t: {start} to {end} is not within")
         assert f"2025-03-01 to {today - dt.timedelta(days=1)}" in out.stderr
     assert not (tmp_path / "bronze").exists()
+
+
+def test_backfill_of_a_table_that_is_not_daily_says_so(checkable, tmp_path, pg_conninfo):
+    config = loadcheck_config(tmp_path, "d", start="2025-03-01")
+    doc = yaml.safe_load(config.read_text())
+    doc["tables"].append({"table": "loadcheck.i", "mode": "incremental", "cursor": "at",
+                          "key": ["id"]})  # fmt: skip
+    config.write_text(yaml.safe_dump(doc))
+    for table, said in [
+        ("loadcheck.i", "table loadcheck.i is incremental, not daily"),
+        ("loadcheck.nope", f"table loadcheck.nope is not in {config}"),
+    ]:
+        out = cli(["backfill", "--start", "2025-03-01", "--end", "2025-03-01", "--table", table],
+                  config, tmp_path, PG_ASSETS_CONNINFO=pg_conninfo)  # fmt: skip
+        assert out.returncode == 2 and out.stderr.startswith(f"error: {said}"), out.stderr

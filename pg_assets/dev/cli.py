@@ -179,7 +179,17 @@ def _materialize(start: dt.date, end: dt.date, *, tables: list[str] | None, demo
         return 2
     by_table = {t.name: t for t in config.tables_of("daily")}
     if wanted is not None and (unknown := wanted - set(by_table)):
-        print(f"error: not in {config.path}: {', '.join(map(str, unknown))}", file=sys.stderr)
+        modes = {t.name: t.mode for t in config.tables}
+        print(
+            "error: "
+            + "; ".join(
+                f"table {name} is {modes[name]}, not daily (its sensor or its job lands it)"
+                if name in modes
+                else f"table {name} is not in {config.path}"
+                for name in sorted(unknown, key=str)
+            ),
+            file=sys.stderr,
+        )
         return 2
     days = [start + dt.timedelta(days=n) for n in range((end - start).days + 1)]
     selected = [t for t in config.tables_of("daily") if wanted is None or t.name in wanted]
@@ -199,7 +209,7 @@ def _materialize(start: dt.date, end: dt.date, *, tables: list[str] | None, demo
             )
             return 2
     instance = DagsterInstance.get()
-    print(f"materializing {len(days)} days × {len(selected)} tables into {config.bronze.root}")
+    print(f"materializing {len(days)} day(s) × {len(selected)} table(s) into {config.bronze.root}")
     print(
         f"{'asset':<28} {'day':<11} {'rows':>8} {'raw MB':>8} {'gz MB':>7} {'ratio':>6} {'MB/s':>7}  relation"
     )
@@ -339,8 +349,9 @@ COMMANDS: list[tuple[str, Callable[[argparse.Namespace], int], str]] = [
     (
         "backfill",
         cmd_backfill,
-        "materialize days --start..--end of every table (or --table T) in ranged runs of "
-        "max_partitions_per_run days, in this process (no daemon needed)",
+        "materialize days --start..--end of every daily table (or --table T) in ranged runs "
+        "of max_partitions_per_run days, in this process (no daemon needed); only days that "
+        "have ended",
     ),
     ("up", cmd_up, "start the embedded PostgreSQL (with the demo tables) and leave it running"),
     ("writer", cmd_writer, "keep writing to the demo's incremental table (public.payments)"),
